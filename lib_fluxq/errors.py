@@ -1,0 +1,34 @@
+"""The exceptions fluxq raises for bad input: each names the file (and tensor) and says what to do."""
+
+from __future__ import annotations
+
+import os
+
+
+class FluxqError(Exception):
+    """Base class: a problem a user can act on, with a message meant for them."""
+
+
+class FormatError(FluxqError):
+    """A model file that cannot be read as what it claims to be.
+
+    ``path`` and ``tensor`` (when known) are kept as attributes so callers (inspector, UI) can show them apart.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None, reason: str, tensor: str | None = None,
+                 fix: str | None = None) -> None:
+        self.path = os.fspath(path) if path is not None else None
+        self.tensor = tensor
+        self.reason = reason
+        self.fix = fix
+        where = f"{self.path}" if self.path else "<buffer>"
+        if tensor is not None:
+            where += f", tensor '{tensor}'"
+        message = f"{where}: {reason}"
+        if fix:
+            message += f" ({fix})"
+        super().__init__(message)
+
+
+class UnsupportedTypeError(FluxqError):
+    """A quantization type fluxq does not (yet) handle."""

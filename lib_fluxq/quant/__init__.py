@@ -1,0 +1,50 @@
+"""Quantized weights in torch: ``dequantize`` / ``quantize`` for every GGML type fluxq handles."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from gguf import GGMLQuantizationType
+
+from lib_fluxq.quant.table import FORMATS, QuantFormat, get_format, resolve_qtype
+
+__all__ = ["FORMATS", "QuantFormat", "dequantize", "get_format", "quantize", "resolve_qtype"]
+
+QType = GGMLQuantizationType | str | int
+
+
+def dequantize(packed: torch.Tensor, qtype: QType, shape: Sequence[int],
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Packed GGML bytes -> a ``shape`` tensor of ``dtype`` on ``packed``'s device.
+
+    ``shape`` is the logical torch shape (rows last-dimension-contiguous, i.e. GGML's ``ne`` reversed). Computation
+    is in float32 (bit-identical to ggml's ``to_float``); other dtypes are that result cast.
+    """
+    fmt = get_format(qtype)
+    shape = tuple(int(s) for s in shape)
+    n_elements = math.prod(shape)
+    row = shape[-1] if shape else 1
+    if row % fmt.block_size:
+        raise ValueError(f"{fmt.name}: row length {row} is not a multiple of the block size {fmt.block_size}")
+    expected = fmt.packed_bytes(n_elements)
+    if packed.dtype != torch.uint8 or packed.numel() != expected:
+        raise ValueError(f"{fmt.name}: shape {list(shape)} needs {expected} packed bytes, got {packed.numel()} "
+                         f"of {packed.dtype}")
+    blocks = packed.reshape(-1, fmt.type_size)
+    if not blocks.is_contiguous():
+        blocks = blocks.contiguous()
+    values = fmt.dequantize_blocks(blocks).reshape(shape)
+    return values if dtype == torch.float32 else values.to(dtype)
+
+
+def quantize(values: torch.Tensor, qtype: QType) -> torch.Tensor:
+    """A ``(..., row)`` float tensor -> uint8 ``(rows, row_bytes)`` in GGML layout (reference algorithm)."""
+    fmt = get_format(qtype)
+    row = values.shape[-1] if values.dim() else 1
+    if row % fmt.block_size:
+        raise ValueError(f"{fmt.name}: row length {row} is not a multiple of the block size {fmt.block_size}")
+    rows = values.numel() // max(row, 1)
+    blocks = values.reshape(-1, fmt.block_size).float().contiguous()
+    return fmt.quantize_blocks(blocks).reshape(rows, fmt.row_bytes(row))
