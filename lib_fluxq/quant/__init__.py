@@ -16,11 +16,12 @@ QType = GGMLQuantizationType | str | int
 
 
 def dequantize(packed: torch.Tensor, qtype: QType, shape: Sequence[int],
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
     """Packed GGML bytes -> a ``shape`` tensor of ``dtype`` on ``packed``'s device.
 
-    ``shape`` is the logical torch shape (rows last-dimension-contiguous, i.e. GGML's ``ne`` reversed). Computation
-    is in float32 (bit-identical to ggml's ``to_float``); other dtypes are that result cast.
+    ``shape`` is the logical torch shape (rows contiguous, i.e. GGML's ``ne`` reversed). Computation is in float32,
+    bit-identical to ggml's ``to_float``; other dtypes are that result cast. ``out`` (contiguous, ``shape``-sized,
+    of ``dtype``) is filled and returned when given, which saves the allocation on repeated calls.
     """
     fmt = get_format(qtype)
     shape = tuple(int(s) for s in shape)
@@ -32,11 +33,20 @@ def dequantize(packed: torch.Tensor, qtype: QType, shape: Sequence[int],
     if packed.dtype != torch.uint8 or packed.numel() != expected:
         raise ValueError(f"{fmt.name}: shape {list(shape)} needs {expected} packed bytes, got {packed.numel()} "
                          f"of {packed.dtype}")
+    if out is not None and (out.dtype != dtype or out.numel() != n_elements or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {dtype} tensor of {n_elements} elements")
     blocks = packed.reshape(-1, fmt.type_size)
     if not blocks.is_contiguous():
         blocks = blocks.contiguous()
-    values = fmt.dequantize_blocks(blocks).reshape(shape)
-    return values if dtype == torch.float32 else values.to(dtype)
+    if dtype == torch.float32:
+        result = out if out is not None else torch.empty(shape, dtype=torch.float32, device=packed.device)
+        fmt.dequantize_blocks(blocks, result.view(-1, fmt.block_size))
+        return result.view(shape)
+    values = torch.empty((blocks.shape[0], fmt.block_size), dtype=torch.float32, device=packed.device)
+    fmt.dequantize_blocks(blocks, values)
+    if out is not None:
+        return out.view(shape).copy_(values.view(shape))
+    return values.view(shape).to(dtype)
 
 
 def quantize(values: torch.Tensor, qtype: QType) -> torch.Tensor:

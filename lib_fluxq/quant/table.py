@@ -16,7 +16,8 @@ from lib_fluxq.errors import UnsupportedTypeError
 from lib_fluxq.quant import dequant as dq
 from lib_fluxq.quant import quantize as qz
 
-BlockKernel = Callable[[torch.Tensor], torch.Tensor]
+DequantKernel = Callable[[torch.Tensor, torch.Tensor], None]
+QuantKernel = Callable[[torch.Tensor], torch.Tensor]
 T = GGMLQuantizationType
 
 
@@ -25,8 +26,8 @@ class QuantFormat:
     qtype: GGMLQuantizationType
     block_size: int          # elements per block
     type_size: int           # bytes per block
-    dequantize_blocks: BlockKernel  # (n_blocks, type_size) uint8 -> (n_blocks, block_size) float32
-    quantize_blocks: BlockKernel    # (n_blocks, block_size) float32 -> (n_blocks, type_size) uint8
+    dequantize_blocks: DequantKernel  # (n_blocks, type_size) uint8 -> writes (n_blocks, block_size) float32 out
+    quantize_blocks: QuantKernel      # (n_blocks, block_size) float32 -> (n_blocks, type_size) uint8
 
     @property
     def name(self) -> str:
@@ -43,7 +44,7 @@ class QuantFormat:
         return n_elements // self.block_size * self.type_size
 
 
-_ROWS: list[tuple[GGMLQuantizationType, BlockKernel, BlockKernel]] = [
+_ROWS: list[tuple[GGMLQuantizationType, DequantKernel, QuantKernel]] = [
     (T.F32, dq.dequant_f32, qz.quant_f32),
     (T.F16, dq.dequant_f16, qz.quant_f16),
     (T.BF16, dq.dequant_bf16, qz.quant_bf16),
