@@ -76,6 +76,11 @@ def _sequential_sum(terms: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def _running_max(values: torch.Tensor) -> torch.Tensor:
+    """C: ``m = 0; for (...) if (v > m) m = v;`` over dim 1 (never negative, never -0.0)."""
+    return values.amax(dim=1).clamp_(min=0.0).add_(0.0)
+
+
 def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """``(..., 8k)`` 0/1 values -> ``(..., k)`` bytes, element 8j+b in bit b of byte j (little-endian bit order)."""
     shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
@@ -175,10 +180,219 @@ def _not_yet(name: str):
     return kernel
 
 
+# --- K-quant building blocks ------------------------------------------------------------------------------------
+#
+# Sub-block searches work in a transposed layout: ``(n, B)`` = (element within a sub-block, sub-block), so that the
+# sequential sums over a sub-block's elements are n adds of contiguous ``(B,)`` rows.
+
+_NEAREST_INT_SAFE = 4194303.0  # nearest_int is plain round-half-even up to this magnitude
+
+
+def _round_codes(scaled: torch.Tensor, bound: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """``MAX(low, MIN(high, nearest_int(scaled)))`` as float, in place on ``scaled``.
+
+    ``bound`` (per sub-block) bounds ``|scaled|``; when every bound is finite and small, ``round`` equals ggml's
+    bit trick and costs one pass instead of four; otherwise the exact bit trick runs.
+    """
+    bound_max = bound.max()
+    if bool(torch.isfinite(bound_max)) and float(bound_max) <= _NEAREST_INT_SAFE:
+        return scaled.round_().clamp_(low, high)
+    return _nearest_int(scaled).clamp_(int(low), int(high)).to(scaled.dtype)
+
+
+def _f32(value: float) -> float:
+    """A Python float rounded to float32, for constants C computes in float (e.g. ``rmin + rdelta*is + nmax``)."""
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+def _step_constants(rmin: float, rdelta: float, nmax: int, nstep: int) -> list[float]:
+    """C: ``(rmin + rdelta*is + nmax)`` evaluated left to right in float32, for is = 0..nstep."""
+    constants = []
+    for step in range(nstep + 1):
+        term = _f32(_f32(rdelta) * step)
+        constants.append(_f32(_f32(_f32(rmin) + term) + nmax))
+    return constants
+
+
+def _make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
+                      use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's make_qkx2_quants on ``(n, B)`` sub-blocks: returns (scale (B,), the_min (B,), L (n, B) float).
+
+    An affine fit ``x ~ scale*L + min`` (min <= 0), searched over nstep+1 trial inverse scales; a trial replaces the
+    current fit when its weighted error is strictly smaller, and later trials start from the new ``min``.
+    """
+    n = x.shape[0]
+    device = x.device
+    x_min = x.amin(dim=0).clamp_(max=0.0)  # C: if (min > 0) min = 0
+    x_max = x.amax(dim=0)
+    x_absmax = torch.maximum(x_max.abs(), x_min.abs())
+    sum_w = _sequential_sum(weights)
+    sum_x = _sequential_sum(weights * x)
+    flat = x_max == x_min
+
+    def fit_error(scale: torch.Tensor, offset: torch.Tensor, codes: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+        # C: diff = scale*L + min - x; diff = mad ? |diff| : diff*diff; err += w*diff
+        torch.mul(codes, scale, out=work).add_(offset).sub_(x)
+        work.abs_() if use_mad else work.mul_(work)
+        return _sequential_sum(work.mul_(weights))
+
+    work = torch.empty_like(x)
+    codes = torch.empty_like(x)
+    iscale = _const(float(nmax), device) / (x_max - x_min)
+    scale = torch.reciprocal(iscale)
+    bound = iscale.abs() * (x_absmax + x_absmax)
+    torch.sub(x, x_min, out=codes).mul_(iscale)
+    codes = _round_codes(codes, bound, 0.0, float(nmax))
+    best_error = fit_error(scale, x_min, codes, work)
+    best_iscale, best_offset = iscale, x_min  # what L was computed with, to rebuild it at the end
+    offset = x_min
+
+    sums = torch.empty((n, 3, x.shape[1]), dtype=x.dtype, device=device)
+    for constant in _step_constants(rmin, rdelta, nmax, nstep):
+        iscale = _const(constant, device) / (x_max - offset)
+        bound = iscale.abs() * (x_absmax + offset.abs())
+        torch.sub(x, offset, out=codes).mul_(iscale)
+        codes = _round_codes(codes, bound, 0.0, float(nmax))
+        weighted = torch.mul(weights, codes, out=sums[:, 0])           # w*l
+        torch.mul(weighted, codes, out=sums[:, 1])                     # w*l*l
+        torch.mul(weighted, x, out=sums[:, 2])                         # w*l*x
+        sum_l, sum_l2, sum_xl = _sequential_sum(sums).unbind(0)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        positive_min = this_min > 0
+        this_scale = torch.where(positive_min, sum_xl / sum_l2, this_scale)
+        this_min = torch.where(positive_min, torch.zeros_like(this_min), this_min)
+        error = fit_error(this_scale, this_min, codes, work)
+        better = (det > 0) & (error < best_error)  # NaN errors never win, as in C
+        best_error = torch.where(better, error, best_error)
+        best_iscale = torch.where(better, iscale, best_iscale)
+        best_offset = torch.where(better, offset, best_offset)
+        scale = torch.where(better, this_scale, scale)
+        offset = torch.where(better, this_min, offset)
+
+    # Rebuild the winning trial's L (same iscale, same offset, same rounding as when it was scored).
+    bound = best_iscale.abs() * (x_absmax + best_offset.abs())
+    torch.sub(x, best_offset, out=codes).mul_(best_iscale)
+    codes = _round_codes(codes, bound, 0.0, float(nmax))
+    codes.masked_fill_(flat, 0.0)
+    scale = scale.masked_fill(flat, 0.0)
+    return scale, offset.neg(), codes
+
+
+def _transposed(values: torch.Tensor, sub_block: int) -> torch.Tensor:
+    """``(n_blocks, 256)`` -> ``(sub_block, n_blocks * 256/sub_block)`` contiguous."""
+    return values.reshape(-1, sub_block).t().contiguous()
+
+
+def _untransposed(codes: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    return codes.t().reshape(n_blocks, -1)
+
+
+def _quantize_to_codes(values: torch.Tensor, d: torch.Tensor, dm: torch.Tensor | None, fallback: torch.Tensor,
+                       low: int, high: int) -> torch.Tensor:
+    """ggml's final pass: where ``d != 0``, ``MAX(low, MIN(high, nearest_int((x + dm)/d)))``, else keep ``fallback``.
+
+    values ``(n_blocks, S, n)``, d / dm ``(n_blocks, S)``, fallback ``(n_blocks, S, n)`` -> int32 codes.
+    """
+    shifted = values + dm.unsqueeze(-1) if dm is not None else values
+    codes = _nearest_int(shifted / d.unsqueeze(-1)).clamp_(low, high)
+    return torch.where((d != 0).unsqueeze(-1), codes, fallback.to(torch.int32))
+
+
+def _six_bit_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """Q4_K/Q5_K: eight 6-bit scales and mins -> 12 bytes (inverse of ggml's get_scale_min_k4)."""
+    head = torch.cat((ls[:, :4] | ((ls[:, 4:] >> 4) << 6), lm[:, :4] | ((lm[:, 4:] >> 4) << 6)), dim=1)
+    tail = (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4)
+    return torch.cat((head, tail), dim=1).to(torch.uint8)
+
+
+def _quant_qk_affine(values: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K core (quantize_row_q{4,5}_K_ref): returns (fp16 d|dmin bytes (n,4), scale bytes (n,12),
+    codes int32 (n, 8, 32))."""
+    n_blocks = values.shape[0]
+    x = _transposed(values, 32)
+    square = x * x
+    # C: av_x = sqrtf(sum_x2/32); weights = av_x + |x|
+    # torch's float32 sqrt on CPU is not correctly rounded (sqrtf is); a float64 sqrt rounded to float32 is.
+    av_x = torch.sqrt((_sequential_sum(square) / _const(32.0, x.device)).double()).float()
+    weights = torch.add(x.abs(), av_x)
+    scales, mins, codes = _make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad=False)
+    scales = scales.view(n_blocks, 8)
+    mins = mins.view(n_blocks, 8)
+    max_scale = _running_max(scales)
+    max_min = _running_max(mins)
+    sixty_three = _const(63.0, x.device)
+    inv_scale = torch.where(max_scale > 0, sixty_three / max_scale, torch.zeros_like(max_scale))
+    inv_min = torch.where(max_min > 0, sixty_three / max_min, torch.zeros_like(max_min))
+    # C: uint8_t ls = nearest_int(...); ls = MIN(63, ls)
+    ls = (_nearest_int(inv_scale.unsqueeze(1) * scales) & 0xFF).clamp_(max=63)
+    lm = (_nearest_int(inv_min.unsqueeze(1) * mins) & 0xFF).clamp_(max=63)
+    d_pair = torch.stack((max_scale / sixty_three, max_min / sixty_three), dim=1)
+    d_read = _fp16_round(d_pair)
+    d_sub = d_read[:, :1] * ls.float()
+    dm_sub = d_read[:, 1:] * lm.float()
+    codes = _quantize_to_codes(values.view(n_blocks, 8, 32), d_sub, dm_sub,
+                               _untransposed(codes, n_blocks).view(n_blocks, 8, 32), 0, nmax)
+    return _fp16_bytes(d_pair), _six_bit_scales_k4(ls, lm), codes
+
+
+def quant_q4_k(values: torch.Tensor) -> torch.Tensor:
+    head, scale_bytes, codes = _quant_qk_affine(values, nmax=15, rmin=-1.0, rdelta=0.1, nstep=20)
+    codes = codes.to(torch.uint8).view(-1, 4, 2, 32)  # per 64 elements: 32 low nibbles, then 32 high nibbles
+    qs = _pack_nibbles(codes[:, :, 0], codes[:, :, 1]).reshape(-1, 128)
+    return torch.cat((head, scale_bytes, qs), dim=1)
+
+
+def quant_q5_k(values: torch.Tensor) -> torch.Tensor:
+    head, scale_bytes, codes = _quant_qk_affine(values, nmax=31, rmin=-0.5, rdelta=0.1, nstep=15)
+    codes = codes.to(torch.uint8)
+    n_blocks = codes.shape[0]
+    # qh[j] bit k = fifth bit of element j of sub-block k
+    qh = ((codes >> 4) << torch.arange(8, device=codes.device, dtype=torch.uint8).view(1, 8, 1)).sum(
+        dim=1, dtype=torch.uint8)
+    pairs = codes.view(n_blocks, 4, 2, 32)
+    qs = _pack_nibbles(pairs[:, :, 0], pairs[:, :, 1]).reshape(n_blocks, 128)
+    return torch.cat((head, scale_bytes, qh, qs), dim=1)
+
+
+def _pack_crumbs(codes: torch.Tensor) -> torch.Tensor:
+    """Q2_K/Q3_K: ``(n, 256)`` 2-bit values -> 64 bytes: per 128-half, byte l = L[l] | L[l+32]<<2 | ... | L[l+96]<<6."""
+    quarters = codes.to(torch.uint8).view(-1, 2, 4, 32)
+    shifts = torch.arange(0, 8, 2, device=codes.device, dtype=torch.uint8).view(1, 1, 4, 1)
+    return (quarters << shifts).sum(dim=2, dtype=torch.uint8).reshape(-1, 64)
+
+
+def quant_q2_k(values: torch.Tensor) -> torch.Tensor:
+    """quantize_row_q2_K_ref: 16 sub-blocks of 16, make_qkx2_quants(nmax 3, weights |x|, mean absolute error)."""
+    n_blocks = values.shape[0]
+    x = _transposed(values, 16)
+    scales, mins, codes = _make_qkx2_quants(x, x.abs(), 3, -0.5, 0.1, 15, use_mad=True)
+    scales = scales.view(n_blocks, 16)
+    mins = mins.view(n_blocks, 16)
+    max_scale = _running_max(scales)
+    max_min = _running_max(mins)
+    fifteen = _const(15.0, x.device)
+    has_scale = (max_scale > 0).unsqueeze(1)
+    has_min = (max_min > 0).unsqueeze(1)
+    ls = _nearest_int((fifteen / max_scale).unsqueeze(1) * scales)
+    lm = _nearest_int((fifteen / max_min).unsqueeze(1) * mins)
+    # C: scales[j] = l (uint8), then scales[j] |= (l << 4) (truncated to the byte)
+    scale_bytes = torch.where(has_scale, ls, 0)
+    scale_bytes = torch.where(has_min, scale_bytes | (lm << 4), scale_bytes) & 0xFF
+    d_pair = torch.stack((max_scale / fifteen, max_min / fifteen), dim=1)
+    d_pair = torch.where(torch.stack((has_scale, has_min), dim=1).squeeze(2), d_pair, torch.zeros_like(d_pair))
+    d_read = _fp16_round(d_pair)
+    d_sub = d_read[:, :1] * (scale_bytes & 0x0F).float()
+    dm_sub = d_read[:, 1:] * (scale_bytes >> 4).float()
+    codes = _quantize_to_codes(values.view(n_blocks, 16, 16), d_sub, dm_sub,
+                               _untransposed(codes, n_blocks).view(n_blocks, 16, 16), 0, 3)
+    return torch.cat((scale_bytes.to(torch.uint8), _pack_crumbs(codes.view(n_blocks, 256)), _fp16_bytes(d_pair)),
+                     dim=1)
+
+
 quant_q6_k = _not_yet("Q6_K")
-quant_q5_k = _not_yet("Q5_K")
-quant_q4_k = _not_yet("Q4_K")
 quant_q3_k = _not_yet("Q3_K")
-quant_q2_k = _not_yet("Q2_K")
 quant_iq4_nl = _not_yet("IQ4_NL")
 quant_iq4_xs = _not_yet("IQ4_XS")
