@@ -99,3 +99,41 @@ def test_swap_errors_are_clear() -> None:
         swap_quantized_linears(model, {"proj.weight": Entry(), "proj.bias": torch.zeros(4)})
     with pytest.raises(ValueError, match="needs 1088 packed bytes"):
         QuantLinear(256, 4, T.Q8_0, wrong.view(-1))
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_1, T.IQ4_XS], ids=lambda t: t.name)
+def test_flux_transformer_forward_through_quantized_linears(tmp_path: Path, qtype: T) -> None:
+    """A whole small Flux forward (real BFL blocks) through QuantLinear equals plain Linear with ggml's weights."""
+    from lib_fluxq.flux_model import FluxTransformer, image_ids, text_ids
+
+    sd = random_flux_state_dict(prefix="model.diffusion_model.")
+    path = tmp_path / "flux.gguf"
+    packed = write_gguf(path, sd, recipe_qtype(qtype))
+
+    plain_weights = {}
+    for key, tensor in sd.items():
+        name = key.removeprefix("model.diffusion_model.")
+        data = packed[key]
+        if data.dtype == np.uint8:  # quantized in the file: the reference uses ggml's dequantization
+            values = ggml_ref.dequantize(data.reshape(-1), qtype, tensor.numel())
+            plain_weights[name] = torch.from_numpy(values).view(tensor.shape)
+        else:
+            plain_weights[name] = torch.from_numpy(data.astype(np.float32))
+    reference = FluxTransformer(SMALL_FLUX)
+    reference.load_state_dict(plain_weights)
+
+    quantized = FluxTransformer(SMALL_FLUX)
+    quantized.load_state_dict(plain_weights)  # norms/scales and float layers; quantized Linears are swapped below
+    swapped = swap_quantized_linears(quantized, open_gguf(path).tensors)
+    assert len(swapped) == 26
+
+    gen = torch.Generator().manual_seed(1)
+    h, w, txt_len = 4, 6, 7
+    inputs = dict(img=torch.randn(1, h * w, SMALL_FLUX.in_channels, generator=gen), img_ids=image_ids(h * 16, w * 16),
+                  txt=torch.randn(1, txt_len, SMALL_FLUX.context_in, generator=gen), txt_ids=text_ids(txt_len),
+                  timesteps=torch.tensor([0.7]), pooled=torch.randn(1, SMALL_FLUX.vec_in, generator=gen),
+                  guidance=torch.tensor([3.5]))
+    with torch.no_grad():
+        expected, actual = reference(**inputs), quantized(**inputs)
+    assert expected.shape == (1, h * w, SMALL_FLUX.in_channels)
+    assert torch.equal(actual, expected)
