@@ -63,9 +63,12 @@ def _safe_reciprocal(values: torch.Tensor) -> torch.Tensor:
 
 def _first_max_abs(values: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml's ``if (amax < fabsf(v)) { amax = fabsf(v); max = v; }``: (amax, the signed value at its first index)."""
-    magnitude = values.abs()
+    magnitude = values.abs().nan_to_num_(nan=-1.0)  # NaN never wins a C comparison
     index = magnitude.argmax(dim=dim, keepdim=True)  # torch returns the first maximal index, as the strict '<' does
-    return magnitude.gather(dim, index).squeeze(dim), values.gather(dim, index).squeeze(dim)
+    amax = magnitude.gather(dim, index).squeeze(dim)
+    found = amax > 0
+    # nothing strictly above 0 (all zeros / NaN): C keeps its initial amax = 0, max = +0.0
+    return amax.clamp_(min=0.0), torch.where(found, values.gather(dim, index).squeeze(dim), 0.0)
 
 
 def _sequential_sum(terms: torch.Tensor) -> torch.Tensor:
@@ -197,7 +200,7 @@ def _round_codes(scaled: torch.Tensor, bound: torch.Tensor, low: float, high: fl
     bound_max = bound.max()
     if bool(torch.isfinite(bound_max)) and float(bound_max) <= _NEAREST_INT_SAFE:
         return scaled.round_().clamp_(low, high)
-    return _nearest_int(scaled).clamp_(int(low), int(high)).to(scaled.dtype)
+    return scaled.copy_(_nearest_int(scaled).clamp_(int(low), int(high)))
 
 
 def _f32(value: float) -> float:
@@ -392,7 +395,147 @@ def quant_q2_k(values: torch.Tensor) -> torch.Tensor:
                      dim=1)
 
 
-quant_q6_k = _not_yet("Q6_K")
-quant_q3_k = _not_yet("Q3_K")
+_GROUP_MAX_EPS = 1e-15  # ggml's "all zero" threshold for a sub-block's max |x|
+
+
+def _make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's make_qx_quants(rmse_type=1, no weights) on ``(n, B)``: returns (scale (B,), L (n, B) float).
+
+    A symmetric fit with weights x^2 over 19 trial inverse scales ``-(nmax + 0.1*is)/max``; a trial wins when
+    ``sumlx^2 > best*suml2`` (strict), comparing against the running best.
+    """
+    n = x.shape[0]
+    device = x.device
+    amax, signed_max = _first_max_abs(x, dim=0)
+    all_zero = amax < _GROUP_MAX_EPS
+    weighted_x = (x * x).mul_(x)  # C: w*x[i] with w = x[i]*x[i]
+    square = x * x
+    codes = torch.empty_like(x)
+    sums = torch.empty((n, 2, x.shape[1]), dtype=x.dtype, device=device)
+
+    def trial(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.mul(x, iscale, out=codes)
+        _round_codes(codes, iscale.abs() * amax, -nmax, nmax - 1)
+        torch.mul(weighted_x, codes, out=sums[:, 0])             # w*x*l
+        torch.mul(square, codes, out=sums[:, 1]).mul_(codes)     # w*l*l
+        sum_lx, sum_l2 = _sequential_sum(sums).unbind(0)
+        return sum_lx, sum_l2
+
+    best_iscale = _const(-float(nmax), device) / signed_max
+    sum_lx, sum_l2 = trial(best_iscale)
+    scale = torch.where(sum_l2 != 0, sum_lx / sum_l2, torch.zeros_like(sum_lx))
+    best = scale * sum_lx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        constant = _f32(nmax + _f32(_f32(0.1) * step))
+        iscale = _const(-constant, device) / signed_max
+        sum_lx, sum_l2 = trial(iscale)
+        better = (sum_l2 > 0) & (sum_lx * sum_lx > best * sum_l2)
+        this_scale = sum_lx / sum_l2
+        scale = torch.where(better, this_scale, scale)
+        best = torch.where(better, this_scale * sum_lx, best)
+        best_iscale = torch.where(better, iscale, best_iscale)
+    torch.mul(x, best_iscale, out=codes)
+    _round_codes(codes, best_iscale.abs() * amax, -nmax, nmax - 1).add_(nmax)
+    codes.masked_fill_(all_zero, 0.0)
+    return scale.masked_fill(all_zero, 0.0), codes
+
+
+def _to_int8(values: torch.Tensor) -> torch.Tensor:
+    """C's implicit int -> int8_t conversion (keep the low byte, signed)."""
+    return ((values + 128) & 0xFF) - 128
+
+
+def quant_q6_k(values: torch.Tensor) -> torch.Tensor:
+    """quantize_row_q6_K_ref: 16 sub-blocks of 16, make_qx_quants(nmax 32), int8 sub-scales, one fp16 d."""
+    n_blocks = values.shape[0]
+    x = _transposed(values, 16)
+    scales, codes = _make_qx_quants(x, 32)
+    scales = scales.view(n_blocks, 16)
+    max_abs_scale, max_scale = _first_max_abs(scales, dim=1)
+    zero_block = max_abs_scale < _GROUP_MAX_EPS
+    iscale = _const(-128.0, values.device) / max_scale
+    d = torch.reciprocal(iscale)
+    sub_scales = _to_int8(_nearest_int(iscale.unsqueeze(1) * scales).clamp_(max=127))
+    d_sub = _fp16_round(d).unsqueeze(1) * sub_scales.float()
+    codes = _quantize_to_codes(values.view(n_blocks, 16, 16), d_sub, None,
+                               _untransposed(codes, n_blocks).view(n_blocks, 16, 16) - 32, -32, 31)
+    codes = (codes + 32).to(torch.uint8).view(n_blocks, 2, 4, 32)  # (half, quarter, l)
+    d_read = torch.where(zero_block, torch.zeros_like(d), d).unsqueeze(1)
+    low = codes & 0x0F
+    ql = torch.cat((_pack_nibbles(low[:, :, 0], low[:, :, 2]), _pack_nibbles(low[:, :, 1], low[:, :, 3])), dim=2)
+    shifts = torch.arange(0, 8, 2, device=values.device, dtype=torch.uint8).view(1, 1, 4, 1)
+    qh = ((codes >> 4) << shifts).sum(dim=2, dtype=torch.uint8)
+    out = torch.cat((ql.reshape(n_blocks, 128), qh.reshape(n_blocks, 64),
+                     sub_scales.to(torch.uint8), _fp16_bytes(d_read)), dim=1)
+    return out.masked_fill_(zero_block.unsqueeze(1), 0)
+
+
+def _make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's make_q3_quants(do_rmse=true) on ``(n, B)``: returns (scale (B,), L (n, B) float, offset by nmax).
+
+    A symmetric fit refined by up to 5 passes of coordinate descent: element by element, a code moves to the value
+    that is optimal given the others when that strictly improves sumlx^2/suml2. A pass that changes nothing leaves
+    the state as it was, so running all 5 passes for every sub-block equals ggml's early ``break``.
+    """
+    n = x.shape[0]
+    amax, signed_max = _first_max_abs(x, dim=0)
+    all_zero = amax < _GROUP_MAX_EPS
+    iscale = _const(-float(nmax), x.device) / signed_max
+    codes = _round_codes(x * iscale, iscale.abs() * amax, -nmax, nmax - 1)
+    square = x * x
+    weighted_x = square * x  # C: w*x[i]
+    sum_lx = _sequential_sum(weighted_x * codes)
+    sum_l2 = _sequential_sum((square * codes).mul_(codes))
+    rows = list(codes.unbind(0))
+    for _ in range(5):
+        for i in range(n):
+            w, wx, xi, current = square[i], weighted_x[i], x[i], rows[i]
+            slx = sum_lx - wx * current
+            sl2 = sum_l2 - (w * current) * current
+            new = _nearest_int((xi * sl2) / slx).clamp_(-nmax, nmax - 1).to(x.dtype)
+            slx = slx + wx * new
+            sl2 = sl2 + (w * new) * new
+            accept = ((slx - wx * new) > 0) & (new != current) & (sl2 > 0)
+            accept &= (slx * slx) * sum_l2 > (sum_lx * sum_lx) * sl2
+            rows[i] = torch.where(accept, new, current)
+            sum_lx = torch.where(accept, slx, sum_lx)
+            sum_l2 = torch.where(accept, sl2, sum_l2)
+    codes = torch.stack(rows).add_(nmax).masked_fill_(all_zero, 0.0)
+    scale = torch.where(sum_l2 > 0, sum_lx / sum_l2, torch.zeros_like(sum_lx))
+    return scale.masked_fill(all_zero, 0.0), codes
+
+
+def _six_bit_scales_q3(levels: torch.Tensor) -> torch.Tensor:
+    """Q3_K: sixteen 6-bit scales -> 12 bytes: low nibbles (j, j+8 share byte j%8), then 2 high bits each in byte
+    8 + j%4 at bit 2*(j//4)."""
+    low = _pack_nibbles(levels[:, :8], levels[:, 8:])
+    high = ((levels >> 4).view(-1, 4, 4) << torch.arange(0, 8, 2, device=levels.device, dtype=torch.uint8
+                                                          ).view(1, 4, 1)).sum(dim=1, dtype=torch.uint8)
+    return torch.cat((low, high), dim=1)
+
+
+def quant_q3_k(values: torch.Tensor) -> torch.Tensor:
+    """quantize_row_q3_K_ref: 16 sub-blocks of 16, make_q3_quants(nmax 4), 6-bit signed sub-scales, fp16 d."""
+    n_blocks = values.shape[0]
+    x = _transposed(values, 16)
+    scales, codes = _make_q3_quants(x, 4)
+    scales = scales.view(n_blocks, 16)
+    _, max_scale = _first_max_abs(scales, dim=1)
+    has_scale = (max_scale != 0).unsqueeze(1)
+    iscale = _const(-32.0, values.device) / max_scale
+    levels = _to_int8(_nearest_int(iscale.unsqueeze(1) * scales)).clamp_(-32, 31) + 32
+    levels = torch.where(has_scale, levels, 0).to(torch.uint8)  # C: memset(scales, 0) when max_scale == 0
+    d = torch.where(has_scale.squeeze(1), torch.reciprocal(iscale), torch.zeros_like(iscale)).unsqueeze(1)
+    d_sub = _fp16_round(d) * (levels.to(torch.int32) - 32).float()
+    codes = _quantize_to_codes(values.view(n_blocks, 16, 16), d_sub, None,
+                               _untransposed(codes, n_blocks).view(n_blocks, 16, 16) - 4, -4, 3) + 4
+    codes = codes.view(n_blocks, 256).to(torch.uint8)
+    high = codes >> 2  # codes are 0..7: bit 2 goes to hmask
+    # hmask[m] bit k = high bit of element 32k + m
+    hmask = (high.view(n_blocks, 8, 32) << torch.arange(8, device=values.device, dtype=torch.uint8).view(1, 8, 1)
+             ).sum(dim=1, dtype=torch.uint8)
+    return torch.cat((hmask, _pack_crumbs(codes & 3), _six_bit_scales_q3(levels), _fp16_bytes(d)), dim=1)
 quant_iq4_nl = _not_yet("IQ4_NL")
 quant_iq4_xs = _not_yet("IQ4_XS")
