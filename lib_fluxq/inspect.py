@@ -1,0 +1,702 @@
+"""What is this model file? Family, key naming, quantization mix, components — from headers only, never tensor data.
+
+``inspect_file(path)`` reads one GGUF/safetensors header (a few KB of a multi-GB file) and returns a ``FileReport``;
+``scan(paths)`` does that for files, folders (recursively) and WebUI roots (their models/ subfolders). A file that
+cannot be read becomes a report with ``status == "unreadable"`` and the reason; the scan goes on.
+
+The report is the shared vocabulary of the advisor (which level, what is missing), the Forge loader hook (pre-check
+before Forge reads 12 GB only to fail) and the UI. ``FileReport.to_dict()`` field names are stable and documented
+in docs/readme/inspect.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lib_fluxq.errors import FormatError
+from lib_fluxq.flux import FLUX_MARKER_KEY, FORGE_PREFIX
+from lib_fluxq.formats.gguf_header import read_gguf_header
+from lib_fluxq.formats.safetensors_header import read_safetensors_header
+
+SCHEMA_VERSION = 1
+INSPECTED_EXTENSIONS = (".safetensors", ".sft", ".gguf")
+PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
+# WebUI (A1111/Forge) and ComfyUI model folders; a WebUI root is scanned through these only.
+MODEL_FOLDERS = ("Stable-diffusion", "text_encoder", "VAE", "Lora", "unet", "diffusion_models",
+                 "text_encoders", "clip", "vae", "loras", "LyCORIS")
+FLUX_PIPELINE = ("transformer", "clip_l", "t5xxl", "vae")
+# Where Forge looks for each kind of file (used for a "misplaced" note).
+EXPECTED_FOLDERS = {"transformer": ("Stable-diffusion", "unet", "diffusion_models"),
+                    "t5xxl": ("text_encoder", "text_encoders", "clip"),
+                    "clip_l": ("text_encoder", "text_encoders", "clip"),
+                    "clip_g": ("text_encoder", "text_encoders", "clip"),
+                    "vae": ("VAE", "vae"), "lora": ("Lora", "loras", "LyCORIS")}
+
+FLOAT_TYPES = ("F64", "F32", "F16", "BF16")
+FP8_LEVELS = {"F8_E4M3": "FP8 e4m3fn", "F8_E5M2": "FP8 e5m2"}
+K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+_BITS_ORDER = ("Q2_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q3_K", "IQ3_XXS", "IQ3_S", "Q4_0", "Q4_1", "IQ4_NL", "IQ4_XS",
+               "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
+MIXED_SHARE = 0.10  # share of higher-precision quantized tensors above which a K-quant mix reads as "_M"
+
+# bitsandbytes QuantState.as_dict(packed=True) suffixes stored next to each 4-bit weight (Forge NF4 checkpoints).
+_BNB_STATE_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
+_BNB_MARKERS = {".quant_state.bitsandbytes__nf4": "NF4", ".quant_state.bitsandbytes__fp4": "FP4"}
+
+# Name prefixes of the parts of an all-in-one checkpoint (Forge/ComfyUI/ldm layouts), first match wins.
+_COMPONENT_PREFIXES = (
+    (FORGE_PREFIX, "model"),
+    ("vae.", "vae"), ("first_stage_model.", "vae"),
+    ("text_encoders.clip_l.", "clip_l"), ("text_encoders.clip_g.", "clip_g"), ("text_encoders.t5xxl.", "t5xxl"),
+    ("cond_stage_model.", "clip"), ("conditioner.embedders.0.", "clip"), ("conditioner.embedders.1.", "clip#1"),
+)
+_CLIP_BY_WIDTH = {768: "clip_l", 1024: "clip_h", 1280: "clip_g"}
+
+_LORA_DOWN = re.compile(r"(lora_down|lora_A|lora\.down|lora\d\.down)\.weight$")
+_LORA_ANY = re.compile(r"(lora_down|lora_up|lora_A|lora_B|lora\.down|lora\.up|lora\d\.(down|up)|hada_w1_a|lokr_w1)")
+_BLOCK_PATTERNS = (  # (label, regex over a LoRA key with '_' or '.' separators)
+    ("double_blocks", re.compile(r"double_blocks[._](\d+)[._]")),
+    ("single_blocks", re.compile(r"single_blocks[._](\d+)[._]")),
+    ("single_transformer_blocks", re.compile(r"single_transformer_blocks[._](\d+)[._]")),
+    ("transformer_blocks", re.compile(r"(?<!single_)(?<!single\.)transformer_blocks[._](\d+)[._]")),
+    ("input_blocks", re.compile(r"input_blocks[._](\d+)[._]")),
+    ("output_blocks", re.compile(r"output_blocks[._](\d+)[._]")),
+    ("down_blocks", re.compile(r"down_blocks[._](\d+)[._]")),
+    ("up_blocks", re.compile(r"up_blocks[._](\d+)[._]")),
+    ("mid_block", re.compile(r"mid(dle)?_block[._]()")),
+)
+
+
+@dataclass
+class StorageEntry:
+    """Tensors of one storage type: a GGML type (Q4_K), a safetensors dtype (F8_E4M3, BF16) or NF4/FP4."""
+
+    dtype: str
+    tensors: int
+    bytes: int
+
+
+@dataclass
+class ComponentReport:
+    """One part of a checkpoint (transformer, unet, vae, clip_l, clip_g, t5xxl) and how it is stored."""
+
+    name: str
+    tensors: int
+    parameters: int
+    bytes: int
+    level: str
+    storage: list[StorageEntry]
+
+
+@dataclass
+class LoraReport:
+    target: str                 # "flux", "sdxl", "sd" or "unknown"
+    naming: str                 # "bfl", "xlabs", "diffusers", "kohya", "lycoris"
+    rank: int | None            # most common rank (rows of the down / A matrices)
+    ranks: list[int]            # every distinct rank
+    modules: int                # adapted layers
+    blocks: dict[str, list[int]]  # block family -> indices touched, e.g. {"double_blocks": [0, 1, ...]}
+    text_encoder: bool          # also adapts a text encoder
+
+
+@dataclass
+class FileReport:
+    path: str
+    status: str = "ok"                # "ok" | "unreadable" | "skipped"
+    error: str | None = None          # reason when not ok
+    format: str | None = None         # "gguf" | "safetensors" | "pickle"
+    file_size: int = 0
+    folder: str | None = None         # the WebUI/ComfyUI models subfolder it sits in
+    family: str = "unknown"
+    key_naming: str | None = None     # "bfl", "prefixed", "diffusers", "city96", "hf", "ldm", "open_clip", ...
+    level: str | None = None          # what users call it: Q4_K_S, Q8_0, NF4 v2, FP8 e4m3fn, BF16, ...
+    level_source: str | None = None   # "general.file_type" or "tensor mix"
+    parameters: int = 0
+    tensors: int = 0
+    storage: list[StorageEntry] = field(default_factory=list)
+    components: list[str] = field(default_factory=list)
+    component_details: list[ComponentReport] = field(default_factory=list)
+    missing_for_flux: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)   # family facts: in_channels, guidance, blocks, ...
+    lora: LoraReport | None = None
+    architecture: str | None = None   # GGUF general.architecture
+    metadata: dict[str, Any] = field(default_factory=dict)
+    sha256: str | None = None
+    header_bytes_read: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def readable(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def storage_summary(self) -> str:
+        """E.g. 'Q4_K 304 tensors 6.2 GB + F32 472 tensors 0.1 GB'."""
+        return " + ".join(f"{e.dtype} {e.tensors} tensors {format_bytes(e.bytes)}" for e in self.storage)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["schema"] = SCHEMA_VERSION
+        data["storage_summary"] = self.storage_summary
+        return data
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+
+@dataclass
+class _Tensor:
+    """Format-neutral view of one header entry."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    n_bytes: int
+    parameters: int
+    double_quant: bool = False  # bitsandbytes 4-bit weight whose absmax is itself quantized (nested_*)
+
+
+def format_bytes(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def format_count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+# ---------------------------------------------------------------------------------------------------------- reading
+
+def inspect_file(path: str | os.PathLike[str], hash: bool = False, folder: str | None = None) -> FileReport:
+    """Inspect one file from its header. Never raises for a bad file: the report says ``unreadable: <reason>``."""
+    path = os.fspath(path)
+    report = FileReport(path=path, folder=folder if folder is not None else _model_folder(path))
+    lower = path.lower()
+    try:
+        report.file_size = os.stat(path).st_size
+    except OSError as exc:
+        return _unreadable(report, exc.strerror or str(exc))
+    if lower.endswith(PICKLE_EXTENSIONS) and not os.path.isdir(path):
+        report.format, report.status = "pickle", "skipped"
+        report.error = "pickle checkpoint: not inspected (reading it would run its code); convert it to safetensors"
+        return report
+    try:
+        if lower.endswith(".gguf") or _starts_with(path, b"GGUF"):
+            report.format = "gguf"
+            tensors = _read_gguf(path, report)
+        else:
+            report.format = "safetensors"
+            tensors = _read_safetensors(path, report)
+        _analyse(report, tensors)
+        if hash:
+            report.sha256 = _sha256(path)
+    except FormatError as exc:
+        return _unreadable(report, exc.reason if exc.tensor is None else f"tensor '{exc.tensor}': {exc.reason}")
+    except OSError as exc:
+        return _unreadable(report, exc.strerror or str(exc))
+    return report
+
+
+def _unreadable(report: FileReport, reason: str) -> FileReport:
+    report.status, report.error = "unreadable", reason
+    return report
+
+
+def _starts_with(path: str, magic: bytes) -> bool:
+    try:
+        with open(path, "rb", buffering=0) as f:  # unbuffered: read 4 bytes, not a buffer's worth
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False  # the real reader reports why
+
+
+def _read_gguf(path: str, report: FileReport) -> list[_Tensor]:
+    header = read_gguf_header(path)
+    report.header_bytes_read = header.bytes_read
+    report.architecture = header.architecture
+    report.metadata = {k: _short(v) for k, v in header.metadata.items()
+                       if k.startswith("general.") or not isinstance(v, list)}
+    file_type = header.metadata.get("general.file_type")
+    if isinstance(file_type, int) and not isinstance(file_type, bool):
+        report.details["gguf_file_type"] = _file_type_name(file_type)
+    return [_Tensor(t.name, t.type_name, t.shape, t.n_bytes, t.n_elements) for t in header.tensors]
+
+
+def _read_safetensors(path: str, report: FileReport) -> list[_Tensor]:
+    header = read_safetensors_header(path)
+    report.header_bytes_read = header.bytes_read
+    report.metadata = {k: _short(v) for k, v in header.metadata.items()}
+    infos = header.tensors
+    # Fold bitsandbytes 4-bit states into their weight: 'w' is NF4/FP4 when 'w.quant_state.bitsandbytes__nf4' exists.
+    four_bit: dict[str, str] = {}
+    for name in infos:
+        for marker, kind in _BNB_MARKERS.items():
+            if name.endswith(marker):
+                four_bit[name[:-len(marker)]] = kind
+    tensors: list[_Tensor] = []
+    aux_bytes: Counter[str] = Counter()
+    for name, info in infos.items():
+        owner = _bnb_owner(name, four_bit)
+        if owner is not None:
+            aux_bytes[owner] += info.n_bytes
+            continue
+        if name in four_bit:
+            # packed uint8: two 4-bit values per byte
+            tensors.append(_Tensor(name, four_bit[name], info.shape, info.n_bytes, 2 * info.n_elements,
+                                   double_quant=f"{name}.nested_absmax" in infos))
+        else:
+            tensors.append(_Tensor(name, info.dtype, info.shape, info.n_bytes, info.n_elements))
+    for tensor in tensors:
+        tensor.n_bytes += aux_bytes.get(tensor.name, 0)
+    if four_bit:
+        report.details["bnb_double_quant"] = any(t.double_quant for t in tensors)
+    return tensors
+
+
+def _bnb_owner(name: str, four_bit: dict[str, str]) -> str | None:
+    for marker in _BNB_MARKERS:
+        if name.endswith(marker):
+            return name[:-len(marker)]
+    for suffix in _BNB_STATE_SUFFIXES:
+        if name.endswith(suffix) and name[:-len(suffix)] in four_bit:
+            return name[:-len(suffix)]
+    return None
+
+
+def _short(value: Any) -> Any:
+    """Metadata for the report: long strings and arrays (tokenizer vocabularies, kohya tag counts) are cut."""
+    if isinstance(value, str) and len(value) > 200:
+        return value[:200] + "…"
+    if isinstance(value, list):
+        return f"[{len(value)} items]"
+    return value
+
+
+def _file_type_name(value: int) -> str | None:
+    try:
+        from gguf import LlamaFileType
+        name = LlamaFileType(value).name
+    except (ImportError, ValueError):
+        return None
+    return {"ALL_F32": "F32", "GUESSED": None}.get(name, name.removeprefix("MOSTLY_"))
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------- analysis
+
+def _analyse(report: FileReport, tensors: list[_Tensor]) -> None:
+    report.tensors = len(tensors)
+    report.parameters = sum(t.parameters for t in tensors)
+    report.storage = _storage(tensors)
+    names = [t.name for t in tensors]
+    if not tensors:
+        report.notes.append("the file holds no tensors")
+        return
+    if any(_LORA_ANY.search(n) for n in names):
+        _analyse_lora(report, tensors)
+        _note_folder(report, "lora")
+        return
+
+    groups = _split_components(tensors)
+    components: list[ComponentReport] = []
+    naming: str | None = None
+    family = "unknown"
+    for group_name, (prefix, members) in groups.items():
+        local = {t.name[len(prefix):]: t for t in members}
+        kind, group_naming, group_family, details = _classify(group_name, local)
+        if kind is None:
+            report.notes.append(f"{len(members)} tensors under '{prefix or '(no prefix)'}' not recognised")
+            continue
+        if group_naming == "bfl" and prefix == FORGE_PREFIX:
+            group_naming = "prefixed"
+        components.append(_component(kind, members, report.details.get("gguf_file_type")))
+        if kind in ("transformer", "unet") or (family == "unknown" and naming is None):
+            naming, family = group_naming, group_family
+        report.details.update(details)
+    order = {name: i for i, name in enumerate(("transformer", "unet", "vae", "clip_l", "clip_g", "clip_h", "t5xxl"))}
+    components.sort(key=lambda c: order.get(c.name, 99))
+    report.component_details = components
+    report.components = [c.name for c in components]
+    report.family, report.key_naming = family, naming
+    if components:
+        main = components[0]
+        report.level = main.level
+        from_file_type = report.format == "gguf" and main.level == report.details.get("gguf_file_type")
+        report.level_source = "general.file_type" if from_file_type else "tensor mix"
+    if family.startswith("flux") or family in ("t5xxl", "clip_l", "flux-ae"):
+        present = set(report.components)
+        report.missing_for_flux = [c for c in FLUX_PIPELINE if c not in present]
+    if len(components) == 1:
+        _note_folder(report, components[0].name)
+    elif "transformer" in report.components or "unet" in report.components:
+        _note_folder(report, "transformer")
+
+
+def _split_components(tensors: list[_Tensor]) -> dict[str, tuple[str, list[_Tensor]]]:
+    """Group tensors by all-in-one prefix; unprefixed tensors form one group named ''."""
+    groups: dict[str, tuple[str, list[_Tensor]]] = {}
+    for tensor in tensors:
+        prefix, group = next(((p, g) for p, g in _COMPONENT_PREFIXES if tensor.name.startswith(p)), ("", ""))
+        groups.setdefault(group, (prefix, []))[1].append(tensor)
+    return groups
+
+
+def _classify(group: str, local: dict[str, _Tensor]) -> tuple[str | None, str | None, str, dict[str, Any]]:
+    """(component, key naming, family, details) for one group of tensors with the group prefix removed."""
+    keys = local.keys()
+
+    def has(fragment: str) -> bool:
+        return any(fragment in k for k in keys)
+
+    if group in ("", "model"):
+        if FLUX_MARKER_KEY in local or has("double_blocks.0.img_attn."):
+            return ("transformer", "bfl", *_flux_family(local, diffusers=False))
+        if has("single_transformer_blocks.") and has("x_embedder."):
+            return ("transformer", "diffusers", *_flux_family(local, diffusers=True))
+        if has("joint_blocks.0.context_block."):
+            return "transformer", "ldm", "sd3", {}
+        if has("transformer_blocks.0.attn.add_q_proj.") and has("pos_embed.proj."):
+            return "transformer", "diffusers", "sd3", {}
+        if "input_blocks.0.0.weight" in local:
+            return ("unet", "ldm", *_unet_family(local, "input_blocks.", "label_emb.0.0.weight", "attn2.to_k.weight"))
+        if has("time_embedding.linear_1.") and has("down_blocks.0."):
+            return ("unet", "diffusers", *_unet_family(local, "down_blocks.", "add_embedding.linear_1.weight",
+                                                       "attn2.to_k.weight"))
+    if group in ("", "t5xxl") and (has("enc.blk.0.") or has("encoder.block.0.layer.0.SelfAttention.")):
+        naming = "city96" if has("enc.blk.") else "hf"
+        return "t5xxl", naming, "t5xxl", {}
+    if group in ("", "vae") and (has("decoder.conv_in.weight") or has("encoder.conv_in.weight")):
+        conv = next((t for k, t in local.items() if k.endswith("decoder.conv_in.weight")), None)
+        latent = conv.shape[1] if conv is not None and len(conv.shape) == 4 else None
+        naming = "diffusers" if has("decoder.up_blocks.") else "ldm"
+        family = "flux-ae" if latent == 16 else "sd-vae" if latent == 4 else "unknown"
+        return "vae", naming, family, {"latent_channels": latent}
+    if group in ("", "clip_l", "clip_g", "clip", "clip#1") and (has("text_model.encoder.layers.")
+                                                                  or has("transformer.resblocks.")):
+        naming = "open_clip" if has("transformer.resblocks.") else "hf"
+        width = _clip_width(local)
+        name = group if group in ("clip_l", "clip_g") else _CLIP_BY_WIDTH.get(width or 0, "clip")
+        return name, naming, name, {} if group else {"width": width}
+    return None, None, "unknown", {}
+
+
+def _flux_family(local: dict[str, _Tensor], diffusers: bool) -> tuple[str, dict[str, Any]]:
+    if diffusers:
+        img_in, guidance = "x_embedder", "time_text_embed.guidance_embedder."
+        double, single = "transformer_blocks.", "single_transformer_blocks."
+    else:
+        img_in, guidance, double, single = "img_in", "guidance_in.", "double_blocks.", "single_blocks."
+    in_channels = _in_features(local, img_in)
+    has_guidance = any(k.startswith(guidance) for k in local)
+    details: dict[str, Any] = {
+        "in_channels": in_channels,
+        "guidance": has_guidance,
+        "hidden_size": _out_features(local, img_in),
+        "double_blocks": _count_blocks(local, double),
+        "single_blocks": _count_blocks(local, single),
+    }
+    if in_channels == 64 or in_channels is None:
+        family = "flux-dev" if has_guidance else "flux-schnell"
+    elif in_channels == 384:
+        family = "flux-fill"
+    else:
+        family = "flux-other"  # e.g. 128 in-channels: Depth/Canny control models
+    return family, details
+
+
+def _unet_family(local: dict[str, _Tensor], blocks: str, adm_key: str, context_key: str) -> tuple[str, dict]:
+    context = next((t.shape[1] for k, t in sorted(local.items()) if k.startswith(blocks) and
+                    k.endswith(context_key) and len(t.shape) == 2), None)
+    adm = local[adm_key].shape[1] if adm_key in local and len(local[adm_key].shape) == 2 else None
+    conv_key = "input_blocks.0.0.weight" if blocks == "input_blocks." else "conv_in.weight"
+    conv = local.get(conv_key)
+    in_channels = conv.shape[1] if conv is not None and len(conv.shape) == 4 else None
+    if adm is not None or context == 2048:
+        family = "sdxl"
+    elif context == 768:
+        family = "sd15"
+    elif context == 1024:
+        family = "sd2"
+    else:
+        family = "unknown"
+    return family, {"context_dim": context, "adm_in_channels": adm, "in_channels": in_channels}
+
+
+def _in_features(local: dict[str, _Tensor], layer: str) -> int | None:
+    weight = local.get(f"{layer}.weight")
+    if weight is None:
+        return None
+    out = _out_features(local, layer)
+    if weight.dtype in ("NF4", "FP4") and out:  # packed (n/2, 1): recover in_features from the element count
+        return weight.parameters // out
+    return weight.shape[1] if len(weight.shape) == 2 else None
+
+
+def _out_features(local: dict[str, _Tensor], layer: str) -> int | None:
+    bias = local.get(f"{layer}.bias")
+    if bias is not None and len(bias.shape) == 1:
+        return bias.shape[0]
+    weight = local.get(f"{layer}.weight")
+    return weight.shape[0] if weight is not None and weight.dtype not in ("NF4", "FP4") else None
+
+
+def _count_blocks(local: dict[str, _Tensor], prefix: str) -> int:
+    indices = {int(m.group(1)) for k in local if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    return len(indices)
+
+
+def _clip_width(local: dict[str, _Tensor]) -> int | None:
+    for key, tensor in local.items():
+        if key.endswith(("final_layer_norm.weight", "ln_final.weight")) and len(tensor.shape) == 1:
+            return tensor.shape[0]
+        if key.endswith("token_embedding.weight") and len(tensor.shape) == 2:
+            return tensor.shape[1]
+    return None
+
+
+def _component(name: str, members: list[_Tensor], file_type: str | None) -> ComponentReport:
+    storage = _storage(members)
+    return ComponentReport(name=name, tensors=len(members), parameters=sum(t.parameters for t in members),
+                           bytes=sum(t.n_bytes for t in members), level=_level(members, file_type), storage=storage)
+
+
+def _storage(tensors: Iterable[_Tensor]) -> list[StorageEntry]:
+    counts: Counter[str] = Counter()
+    sizes: Counter[str] = Counter()
+    for t in tensors:
+        counts[t.dtype] += 1
+        sizes[t.dtype] += t.n_bytes
+    return [StorageEntry(dtype, counts[dtype], sizes[dtype]) for dtype in sorted(sizes, key=lambda d: -sizes[d])]
+
+
+def _level(tensors: list[_Tensor], file_type: str | None) -> str:
+    """The name users know for how a component is stored."""
+    quantized = [t for t in tensors if t.dtype not in FLOAT_TYPES and t.dtype not in ("I8", "U8", "I16", "I32",
+                                                                                          "I64", "BOOL")]
+    if not quantized:
+        by_bytes = Counter()
+        for t in tensors:
+            by_bytes[t.dtype] += t.n_bytes
+        return by_bytes.most_common(1)[0][0] if by_bytes else "unknown"
+    counts = Counter(t.dtype for t in quantized)
+    dominant = counts.most_common(1)[0][0]
+    if file_type and file_type.startswith(dominant):
+        return file_type  # the quantizer's own label (llama-quantize writes general.file_type), e.g. Q4_K_M
+    if dominant in ("NF4", "FP4"):
+        # v1 (the first Forge release) double-quantizes absmax (nested_*), v2 stores float32 absmax
+        nested = any(t.double_quant for t in quantized if t.dtype == dominant)
+        return f"{dominant} v1" if nested else f"{dominant} v2"
+    if dominant in FP8_LEVELS:
+        return FP8_LEVELS[dominant]
+    if dominant in ("Q3_K", "Q4_K", "Q5_K"):
+        rank = _BITS_ORDER.index(dominant)
+        higher = sum(n for qtype, n in counts.items() if qtype in _BITS_ORDER and _BITS_ORDER.index(qtype) > rank)
+        return f"{dominant}_M" if higher / len(quantized) >= MIXED_SHARE else f"{dominant}_S"
+    return dominant
+
+
+def _analyse_lora(report: FileReport, tensors: list[_Tensor]) -> None:
+    names = [t.name for t in tensors]
+    downs = [t for t in tensors if _LORA_DOWN.search(t.name)]
+    ranks = Counter(t.shape[0] for t in downs if len(t.shape) >= 1)
+    flux_like = any(re.search(r"(double_blocks|single_blocks|single_transformer_blocks)[._]\d", n) for n in names)
+    if any(n.startswith(("lora_unet_", "lora_te", "lora_transformer_")) for n in names):
+        naming = "kohya"
+    elif any(re.search(r"_lora\d\.(down|up)\.", n) for n in names):
+        naming = "xlabs"
+    elif any("hada_w1_a" in n or "lokr_w1" in n for n in names):
+        naming = "lycoris"
+    elif any(re.search(r"(^|\.)(transformer|unet)\.", n) or "transformer_blocks" in n for n in names) \
+            and not any("double_blocks" in n for n in names):
+        naming = "diffusers"
+    else:
+        naming = "bfl"
+    if flux_like:
+        target = "flux"
+    elif any(("lora_te2_" in n or "text_encoder_2" in n or "add_embedding" in n or "label_emb" in n) for n in names):
+        target = "sdxl"
+    elif any(re.search(r"(down_blocks|up_blocks|input_blocks|output_blocks|mid_block|middle_block)[._]", n)
+             for n in names):
+        target = "sd"
+    else:
+        target = "unknown"
+    blocks: dict[str, list[int]] = {}
+    for t in downs:
+        for label, pattern in _BLOCK_PATTERNS:
+            match = pattern.search(t.name)
+            if match:
+                index = int(match.group(match.lastindex)) if match.group(match.lastindex) else 0
+                blocks.setdefault(label, [])
+                if index not in blocks[label]:
+                    blocks[label].append(index)
+                break
+    report.lora = LoraReport(
+        target=target, naming=naming, rank=ranks.most_common(1)[0][0] if ranks else None, ranks=sorted(ranks),
+        modules=len(downs), blocks={k: sorted(v) for k, v in blocks.items()},
+        text_encoder=any(n.startswith(("lora_te", "text_encoder", "te_", "te1", "te2")) or ".text_encoder" in n
+                         for n in names))
+    report.family = {"flux": "flux-lora", "sd": "sd-lora", "sdxl": "sd-lora"}.get(target, "unknown")
+    report.key_naming = naming
+    report.components = ["lora"]
+    report.level = _level(tensors, None)
+    report.level_source = "tensor mix"
+
+
+def _note_folder(report: FileReport, kind: str) -> None:
+    expected = EXPECTED_FOLDERS.get(kind)
+    if report.folder and expected and report.folder not in expected:
+        report.notes.append(f"a {kind} file in models/{report.folder}; Forge looks for it in models/{expected[0]}")
+
+
+def _model_folder(path: str) -> str | None:
+    parts = Path(path).parts[:-1]
+    for part in reversed(parts):
+        if part in MODEL_FOLDERS:
+            return part
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------------- scan
+
+def iter_model_files(path: str | os.PathLike[str]) -> Iterator[str]:
+    """Model files under ``path``: itself if a file, its model folders if a WebUI root, else every file below it.
+
+    Symlinked folders are followed once (a loop is cut); a directory whose name ends in a model extension is yielded
+    so that it is reported, not silently skipped.
+    """
+    root = os.fspath(path)
+    if not os.path.isdir(root) or root.lower().endswith(INSPECTED_EXTENSIONS + PICKLE_EXTENSIONS):
+        yield root
+        return
+    for models in (os.path.join(root, "models"), root):
+        folders = [os.path.join(models, name) for name in MODEL_FOLDERS if os.path.isdir(os.path.join(models, name))]
+        if folders and models != root or len(folders) >= 2:
+            for folder in folders:
+                yield from _walk(folder)
+            return
+    yield from _walk(root)
+
+
+def _walk(root: str) -> Iterator[str]:
+    seen: set[tuple[int, int]] = set()
+    for directory, subdirs, files in os.walk(root, followlinks=True, onerror=None):
+        try:
+            st = os.stat(directory)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            subdirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        model_like_dirs = [d for d in subdirs if d.lower().endswith(INSPECTED_EXTENSIONS)]
+        subdirs[:] = sorted(d for d in subdirs if d not in model_like_dirs and not d.startswith("."))
+        for name in sorted(files + model_like_dirs):
+            if name.lower().endswith(INSPECTED_EXTENSIONS + PICKLE_EXTENSIONS):
+                yield os.path.join(directory, name)
+
+
+def scan(paths: Iterable[str | os.PathLike[str]], hash: bool = False) -> list[FileReport]:
+    """Reports for every model file under ``paths`` (files, folders, WebUI roots), in a stable order."""
+    reports: list[FileReport] = []
+    for path in paths:
+        if not os.path.exists(path) and not os.path.islink(path):
+            reports.append(FileReport(path=os.fspath(path), status="unreadable", error="no such file or folder"))
+            continue
+        for file_path in iter_model_files(path):
+            reports.append(inspect_file(file_path, hash=hash))
+    return reports
+
+
+# -------------------------------------------------------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="model files, folders (scanned recursively) or a WebUI root (its models/ folders)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list of reports instead of a table")
+    parser.add_argument("--hash", action="store_true", help="also compute sha256 (reads every byte: slow)")
+
+
+def run(args: argparse.Namespace) -> int:
+    reports = scan(args.paths, hash=args.hash)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        print(format_table(reports))
+    if not reports:
+        print("no model files found")
+        return 1
+    return 0
+
+
+def format_table(reports: list[FileReport]) -> str:
+    """The human view: one line per file, then its storage mix, notes and what is missing."""
+    header = ("FILE", "FAMILY", "LEVEL", "PARAMS", "SIZE", "NAMING", "COMPONENTS")
+    rows: list[tuple[str, ...]] = []
+    extra: list[list[str]] = []
+    for r in reports:
+        name = os.path.basename(r.path) or r.path
+        if r.status != "ok":
+            rows.append((name, f"{r.status}: {r.error}"))
+            extra.append([])
+            continue
+        rows.append((name, r.family, r.level or "-", format_count(r.parameters), format_bytes(r.file_size),
+                     r.key_naming or "-", ", ".join(r.components) or "-"))
+        lines = [f"storage: {r.storage_summary}"]
+        if r.lora:
+            blocks = "; ".join(f"{k} {_ranges(v)}" for k, v in r.lora.blocks.items())
+            lines.append(f"lora: target {r.lora.target}, {r.lora.naming} naming, rank {r.lora.rank}, "
+                         f"{r.lora.modules} modules{', text encoder' if r.lora.text_encoder else ''}"
+                         f"{'; ' + blocks if blocks else ''}")
+        if r.missing_for_flux:
+            lines.append("for a full Flux pipeline also select: " + ", ".join(r.missing_for_flux))
+        if r.sha256:
+            lines.append(f"sha256: {r.sha256}")
+        lines.extend(f"note: {n}" for n in r.notes)
+        extra.append(lines)
+    widths = [max(len(header[i]), *(len(row[i]) for row in rows if len(row) > 2 and i < len(row)))
+              for i in range(len(header) - 1)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False)) + "  " + header[-1]]
+    for row, lines in zip(rows, extra, strict=True):
+        if len(row) == 2:
+            out.append(f"{row[0].ljust(widths[0])}  {row[1]}")
+        else:
+            out.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
+        out.extend("    " + line for line in lines)
+    return "\n".join(out)
+
+
+def _ranges(indices: list[int]) -> str:
+    parts: list[str] = []
+    start = prev = None
+    for i in indices:
+        if start is None:
+            start = prev = i
+        elif i == prev + 1:
+            prev = i
+        else:
+            parts.append(f"{start}-{prev}" if start != prev else str(start))
+            start = prev = i
+    if start is not None:
+        parts.append(f"{start}-{prev}" if start != prev else str(start))
+    return ",".join(parts)
