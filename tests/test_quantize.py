@@ -18,7 +18,7 @@ from lib_fluxq.quant import get_format, quantize
 from tests import ggml_ref
 
 T = GGMLQuantizationType
-QTYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q6_K, T.Q5_K, T.Q4_K, T.Q3_K, T.Q2_K]
+QTYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q6_K, T.Q5_K, T.Q4_K, T.Q3_K, T.Q2_K, T.IQ4_NL, T.IQ4_XS]
 
 ROW = 1024  # a multiple of every block size (K-quants: 256)
 

@@ -177,12 +177,6 @@ def quant_q5_1(values: torch.Tensor) -> torch.Tensor:
     return _quant_legacy(values, bits=5, affine=True)
 
 
-def _not_yet(name: str):
-    def kernel(values: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"quantization to {name} is not implemented yet")
-    return kernel
-
-
 # --- K-quant building blocks ------------------------------------------------------------------------------------
 #
 # Sub-block searches work in a transposed layout: ``(n, B)`` = (element within a sub-block, sub-block), so that the
@@ -537,5 +531,86 @@ def quant_q3_k(values: torch.Tensor) -> torch.Tensor:
     hmask = (high.view(n_blocks, 8, 32) << torch.arange(8, device=values.device, dtype=torch.uint8).view(1, 8, 1)
              ).sum(dim=1, dtype=torch.uint8)
     return torch.cat((hmask, _pack_crumbs(codes & 3), _six_bit_scales_q3(levels), _fp16_bytes(d)), dim=1)
-quant_iq4_nl = _not_yet("IQ4_NL")
-quant_iq4_xs = _not_yet("IQ4_XS")
+# --- IQ4_NL / IQ4_XS: 4-bit indices into ggml's non-linear codebook ------------------------------------------------
+
+IQ4_CODEBOOK = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # kvalues_iq4nl
+_codebooks: dict[torch.device, torch.Tensor] = {}
+
+
+def _codebook(device: torch.device) -> torch.Tensor:
+    table = _codebooks.get(device)
+    if table is None:
+        table = _codebooks[device] = torch.tensor(IQ4_CODEBOOK, dtype=torch.float32, device=device)
+    return table
+
+
+def _best_index_iq4(values: torch.Tensor) -> torch.Tensor:
+    """ggml's best_index_int8 over the codebook: the nearer of the two entries around each value (ties and NaN go
+    to the upper one), computed with the same float differences ``x - lo < hi - x``."""
+    table = _codebook(values.device)
+    upper = torch.bucketize(values, table, right=True).clamp_(1, 15)  # first entry > x, i.e. ggml's mu
+    lower = upper - 1
+    take_lower = (values - table[lower]) < (table[upper] - values)
+    return upper.sub_(take_lower.to(upper.dtype))
+
+
+def _iq4_sub_block_scales(x: torch.Tensor) -> torch.Tensor:
+    """The per-32 scale search of quantize_row_iq4_nl_impl (ntry 7, weights x^2) on ``(32, B)`` -> ``(B,)``."""
+    n = x.shape[0]
+    device = x.device
+    table = _codebook(device)
+    amax, signed_max = _first_max_abs(x, dim=0)
+    all_zero = amax < _GROUP_MAX_EPS
+    square = x * x
+    sums = torch.empty((n, 2, x.shape[1]), dtype=x.dtype, device=device)
+
+    def trial(inverse_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        levels = table[_best_index_iq4(x * inverse_scale)]
+        weighted = torch.mul(square, levels, out=sums[:, 0])   # w*q
+        torch.mul(weighted, levels, out=sums[:, 1])            # w*q*q
+        weighted.mul_(x)                                       # w*q*x
+        sum_qx, sum_q2 = _sequential_sum(sums).unbind(0)
+        return sum_qx, sum_q2
+
+    d = signed_max.neg() / _const(float(IQ4_CODEBOOK[0]), device)  # C: -max/values[0]
+    sum_qx, sum_q2 = trial(torch.reciprocal(d))
+    d = torch.where(sum_q2 > 0, sum_qx / sum_q2, torch.zeros_like(sum_qx))
+    best = d * sum_qx
+    for step in range(-7, 8):
+        inverse_scale = _const(float(step + IQ4_CODEBOOK[0]), device) / signed_max
+        sum_qx, sum_q2 = trial(inverse_scale)
+        better = (sum_q2 > 0) & (sum_qx * sum_qx > best * sum_q2)
+        this_d = sum_qx / sum_q2
+        d = torch.where(better, this_d, d)
+        best = torch.where(better, this_d * sum_qx, best)
+    return d.masked_fill(all_zero, 0.0)
+
+
+def _pack_iq4_codes(values: torch.Tensor, inverse_scale: torch.Tensor) -> torch.Tensor:
+    """``(n, S, 32)`` values times ``(n, S)`` inverse scales -> ``(n, S*16)`` bytes: element j low nibble, j+16
+    high nibble, per 32."""
+    codes = _best_index_iq4(values * inverse_scale.unsqueeze(-1)).to(torch.uint8)
+    return _pack_nibbles(codes[..., :16], codes[..., 16:]).reshape(values.shape[0], -1)
+
+
+def quant_iq4_nl(values: torch.Tensor) -> torch.Tensor:
+    """quantize_iq4_nl (ggml_quantize_chunk's path, ntry 7): one fp16 scale per 32."""
+    d = _iq4_sub_block_scales(values.t().contiguous())
+    return torch.cat((_fp16_bytes(d.unsqueeze(1)), _pack_iq4_codes(values.view(-1, 1, 32),
+                                                                     _safe_reciprocal(d).unsqueeze(1))), dim=1)
+
+
+def quant_iq4_xs(values: torch.Tensor) -> torch.Tensor:
+    """quantize_iq4_xs: the IQ4_NL search per 32, then one fp16 d per 256 and 6-bit signed sub-scales."""
+    n_blocks = values.shape[0]
+    scales = _iq4_sub_block_scales(_transposed(values, 32)).view(n_blocks, 8)
+    _, max_scale = _first_max_abs(scales, dim=1)
+    d = max_scale.neg() / _const(32.0, values.device)  # C: -max_scale/32
+    levels = _nearest_int(_safe_reciprocal(d).unsqueeze(1) * scales).clamp_(-32, 31)
+    sub_d = d.unsqueeze(1) * levels.float()  # C: dl = d * l, in float32 (not the fp16 d)
+    qs = _pack_iq4_codes(values.view(n_blocks, 8, 32), _safe_reciprocal(sub_d))
+    levels = (levels + 32).to(torch.uint8)
+    scales_l = _pack_nibbles(levels[:, 0::2], levels[:, 1::2])
+    shifts = torch.arange(0, 8, 2, device=values.device, dtype=torch.uint8).view(1, 1, 4)
+    scales_h = ((levels >> 4).view(n_blocks, 2, 4) << shifts).sum(dim=2, dtype=torch.uint8)  # uint16, little-endian
+    return torch.cat((_fp16_bytes(d.unsqueeze(1)), scales_h, scales_l, qs), dim=1)
