@@ -1,0 +1,12 @@
+"""WebUI entry point: installs fluxq's Forge load hook and its Settings section (nothing on A1111)."""
+
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # WebUIs load script files by path; the extension root is not importable otherwise
+    sys.path.insert(0, _ROOT)
+
+from lib_fluxq.host import forge as _forge_host  # noqa: E402
+
+_forge_host.register_callbacks()
