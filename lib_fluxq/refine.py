@@ -373,11 +373,10 @@ def _coerce(name: str, value: object) -> object:
 
 def settings_from_args(args: Sequence[object] | Mapping[str, object]) -> RefineSettings:
     """Script args → settings. Accepts the UI's positional values (in ``SETTING_NAMES`` order), a dict of named
-    values, or a single dict as the first positional value (how the API's ``alwayson_scripts`` passes names).
+    values, or a dict as the first positional value (``alwayson_scripts: {"fluxq refine": {"args": [{...}]}}``).
     Missing trailing/named values take their defaults; an unknown name is an error, not silently ignored."""
     if isinstance(args, Sequence) and not isinstance(args, str) and len(args) >= 1 and isinstance(args[0], Mapping):
-        if len(args) > 1:
-            raise RefineError("pass fluxq refine args either as one dict of names or as positional values, not both")
+        # the API copies its args over the UI defaults: with a dict first, the values after it are those defaults
         args = args[0]
     if isinstance(args, Mapping):
         named = dict(args)
