@@ -663,6 +663,9 @@ def format_table(reports: list[FileReport]) -> str:
         rows.append((name, r.family, r.level or "-", format_count(r.parameters), format_bytes(r.file_size),
                      r.key_naming or "-", ", ".join(r.components) or "-"))
         lines = [f"storage: {r.storage_summary}"]
+        if len(r.component_details) > 1:
+            lines.append("components: " + ", ".join(f"{c.name} {c.level} {format_bytes(c.bytes)}"
+                                                    for c in r.component_details))
         if r.lora:
             blocks = "; ".join(f"{k} {_ranges(v)}" for k, v in r.lora.blocks.items())
             lines.append(f"lora: target {r.lora.target}, {r.lora.naming} naming, rank {r.lora.rank}, "
