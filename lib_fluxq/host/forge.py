@@ -63,6 +63,7 @@ BINDINGS: dict[str, tuple[str, ...]] = {
 _installed: dict[tuple[str, int, Any], tuple[Any, Any]] = {}
 _wrappers: dict[int, Callable[..., Any]] = {}   # id(original) -> its one wrapper, shared by all bindings
 _callbacks_registered: list[bool] = []
+_announced: list[bool] = []
 last_plan: dict[str, Any] = {}       # what the last load did (for the UI / tests): added, dropped, missing
 
 
@@ -115,6 +116,9 @@ def install() -> bool:
         _install_gguf_extras()
     except Exception as exc:
         _fallback("GGUF extras", exc)
+    if _installed and not _announced:
+        _announced.append(True)
+        log(f"Forge load hook active ({sum(1 for k in _installed if k[0] == 'attr')} patches; Settings -> fluxq)")
     return True
 
 
@@ -133,6 +137,7 @@ def uninstall() -> None:
     _installed.clear()
     _wrappers.clear()
     _callbacks_registered.clear()
+    _announced.clear()
 
 
 _ABSENT = object()
