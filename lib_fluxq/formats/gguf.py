@@ -21,6 +21,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from lib_fluxq.errors import FormatError, UnsupportedTypeError
+from lib_fluxq.formats.gguf_header import read_gguf_header
 from lib_fluxq.quant import dequantize, get_format
 
 GGUF_MAGIC = b"GGUF"
@@ -128,18 +129,13 @@ def _check_container(path: str) -> None:
 
 
 def _diagnose(path: str, exc: Exception) -> FormatError:
-    """Turn GGUFReader's low-level exception into a precise message, using our own header parser when present."""
+    """Turn GGUFReader's low-level exception into a precise message (file, tensor, fix) via our header parser."""
     try:
-        from lib_fluxq.formats.gguf_header import read_gguf_header
-    except ImportError:
-        read_gguf_header = None
-    if read_gguf_header is not None:
-        try:
-            read_gguf_header(path)
-        except FormatError as precise:
-            return precise
-        except Exception:  # the diagnosis must never hide the original problem
-            pass
+        read_gguf_header(path)
+    except FormatError as precise:
+        return precise
+    except Exception:  # the diagnosis must never hide the original problem
+        pass
     reason = str(exc) or type(exc).__name__
     return FormatError(path, f"malformed GGUF: {reason}",
                        fix="the file is damaged or truncated; download it again")
