@@ -16,6 +16,8 @@ steps, never over blocks. Inputs are processed in chunks so the search tensors s
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # --- shared helpers ---------------------------------------------------------------------------------------------
@@ -71,12 +73,32 @@ def _first_max_abs(values: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, t
     return amax.clamp_(min=0.0), torch.where(found, values.gather(dim, index).squeeze(dim), 0.0)
 
 
-def _sequential_sum(terms: torch.Tensor) -> torch.Tensor:
-    """Sum over dim 0 in index order with float32 rounding at every step, like C's ``s = 0; for (...) s += t[i]``."""
-    total = terms[0] + 0.0  # C starts from +0.0f, which also turns a leading -0.0 into +0.0
-    for i in range(1, terms.shape[0]):
-        total += terms[i]
+def _sequential_sum(terms: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Sum over dim 0 in index order with float32 rounding at every step, like C's ``s = 0; for (...) s += t[i]``.
+
+    ``terms`` may be a pre-split list of rows (``tensor.unbind(0)`` of a reused buffer), which saves a view per add.
+    """
+    rows = terms.unbind(0) if isinstance(terms, torch.Tensor) else terms
+    total = rows[0] + 0.0  # C starts from +0.0f, which also turns a leading -0.0 into +0.0
+    for row in rows[1:]:
+        total += row
     return total
+
+
+_CHUNK_ELEMENTS = 1 << 17  # per kernel call: the search buffers stay cache-sized, the per-op overhead stays small
+
+
+def _chunked(kernel):
+    """Run a block kernel over slices of at most ``_CHUNK_ELEMENTS`` input elements (a loop over chunks, not
+    blocks), writing each slice's bytes into one output."""
+    @functools.wraps(kernel)
+    def run(values: torch.Tensor) -> torch.Tensor:
+        per_chunk = max(1, _CHUNK_ELEMENTS // max(values.shape[1], 1))
+        if values.shape[0] <= per_chunk:
+            return kernel(values)
+        parts = [kernel(part) for part in values.split(per_chunk)]
+        return torch.cat(parts)
+    return run
 
 
 def _running_max(values: torch.Tensor) -> torch.Tensor:
@@ -110,6 +132,7 @@ def quant_bf16(values: torch.Tensor) -> torch.Tensor:
 
 # --- legacy 32-element blocks -----------------------------------------------------------------------------------
 
+@_chunked
 def quant_q8_0(values: torch.Tensor) -> torch.Tensor:
     """quantize_row_q8_0_ref: d = amax/127, q = roundf(x * (1/d))."""
     amax = values.abs().amax(dim=1, keepdim=True)
@@ -161,18 +184,22 @@ def _quant_legacy(values: torch.Tensor, bits: int, affine: bool) -> torch.Tensor
     return torch.cat(parts, dim=1).reshape(n, -1)
 
 
+@_chunked
 def quant_q4_0(values: torch.Tensor) -> torch.Tensor:
     return _quant_legacy(values, bits=4, affine=False)
 
 
+@_chunked
 def quant_q4_1(values: torch.Tensor) -> torch.Tensor:
     return _quant_legacy(values, bits=4, affine=True)
 
 
+@_chunked
 def quant_q5_0(values: torch.Tensor) -> torch.Tensor:
     return _quant_legacy(values, bits=5, affine=False)
 
 
+@_chunked
 def quant_q5_1(values: torch.Tensor) -> torch.Tensor:
     return _quant_legacy(values, bits=5, affine=True)
 
@@ -245,6 +272,7 @@ def _make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: f
     offset = x_min
 
     sums = torch.empty((n, 3, x.shape[1]), dtype=x.dtype, device=device)
+    sum_rows = sums.unbind(0)
     for constant in _step_constants(rmin, rdelta, nmax, nstep):
         iscale = _const(constant, device) / (x_max - offset)
         bound = iscale.abs() * (x_absmax + offset.abs())
@@ -253,7 +281,7 @@ def _make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: f
         weighted = torch.mul(weights, codes, out=sums[:, 0])           # w*l
         torch.mul(weighted, codes, out=sums[:, 1])                     # w*l*l
         torch.mul(weighted, x, out=sums[:, 2])                         # w*l*x
-        sum_l, sum_l2, sum_xl = _sequential_sum(sums).unbind(0)
+        sum_l, sum_l2, sum_xl = _sequential_sum(sum_rows).unbind(0)
         det = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
@@ -335,6 +363,7 @@ def _quant_qk_affine(values: torch.Tensor, nmax: int, rmin: float, rdelta: float
     return _fp16_bytes(d_pair), _six_bit_scales_k4(ls, lm), codes
 
 
+@_chunked
 def quant_q4_k(values: torch.Tensor) -> torch.Tensor:
     head, scale_bytes, codes = _quant_qk_affine(values, nmax=15, rmin=-1.0, rdelta=0.1, nstep=20)
     codes = codes.to(torch.uint8).view(-1, 4, 2, 32)  # per 64 elements: 32 low nibbles, then 32 high nibbles
@@ -342,6 +371,7 @@ def quant_q4_k(values: torch.Tensor) -> torch.Tensor:
     return torch.cat((head, scale_bytes, qs), dim=1)
 
 
+@_chunked
 def quant_q5_k(values: torch.Tensor) -> torch.Tensor:
     head, scale_bytes, codes = _quant_qk_affine(values, nmax=31, rmin=-0.5, rdelta=0.1, nstep=15)
     codes = codes.to(torch.uint8)
@@ -361,6 +391,7 @@ def _pack_crumbs(codes: torch.Tensor) -> torch.Tensor:
     return (quarters << shifts).sum(dim=2, dtype=torch.uint8).reshape(-1, 64)
 
 
+@_chunked
 def quant_q2_k(values: torch.Tensor) -> torch.Tensor:
     """quantize_row_q2_K_ref: 16 sub-blocks of 16, make_qkx2_quants(nmax 3, weights |x|, mean absolute error)."""
     n_blocks = values.shape[0]
@@ -406,13 +437,14 @@ def _make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Ten
     square = x * x
     codes = torch.empty_like(x)
     sums = torch.empty((n, 2, x.shape[1]), dtype=x.dtype, device=device)
+    sum_rows = sums.unbind(0)
 
     def trial(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         torch.mul(x, iscale, out=codes)
         _round_codes(codes, iscale.abs() * amax, -nmax, nmax - 1)
         torch.mul(weighted_x, codes, out=sums[:, 0])             # w*x*l
         torch.mul(square, codes, out=sums[:, 1]).mul_(codes)     # w*l*l
-        sum_lx, sum_l2 = _sequential_sum(sums).unbind(0)
+        sum_lx, sum_l2 = _sequential_sum(sum_rows).unbind(0)
         return sum_lx, sum_l2
 
     best_iscale = _const(-float(nmax), device) / signed_max
@@ -441,6 +473,7 @@ def _to_int8(values: torch.Tensor) -> torch.Tensor:
     return ((values + 128) & 0xFF) - 128
 
 
+@_chunked
 def quant_q6_k(values: torch.Tensor) -> torch.Tensor:
     """quantize_row_q6_K_ref: 16 sub-blocks of 16, make_qx_quants(nmax 32), int8 sub-scales, one fp16 d."""
     n_blocks = values.shape[0]
@@ -510,6 +543,7 @@ def _six_bit_scales_q3(levels: torch.Tensor) -> torch.Tensor:
     return torch.cat((low, high), dim=1)
 
 
+@_chunked
 def quant_q3_k(values: torch.Tensor) -> torch.Tensor:
     """quantize_row_q3_K_ref: 16 sub-blocks of 16, make_q3_quants(nmax 4), 6-bit signed sub-scales, fp16 d."""
     n_blocks = values.shape[0]
@@ -544,32 +578,66 @@ def _codebook(device: torch.device) -> torch.Tensor:
     return table
 
 
+def _iq4_index_table() -> list[int]:
+    """best_index_int8 for every half-unit cell [c/2, (c+1)/2), c = -256..255.
+
+    Every decision boundary of best_index_int8 is a midpoint of two integer codebook entries, a multiple of 0.5,
+    and near those midpoints ggml's float differences ``x - lo`` and ``hi - x`` are exact; so all values of a cell
+    get the same index, and the index of a value is the entry of its cell (x >= midpoint goes to the upper entry).
+    """
+    table = []
+    for cell in range(-256, 256):
+        low_edge = cell / 2
+        midpoints = [(IQ4_CODEBOOK[k] + IQ4_CODEBOOK[k + 1]) / 2 for k in range(15)]
+        table.append(sum(1 for midpoint in midpoints if low_edge >= midpoint))
+    return table
+
+
+_iq4_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _iq4_lookup(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index per half-unit cell as uint8, codebook value per cell as float32)."""
+    tables = _iq4_tables.get(device)
+    if tables is None:
+        index = torch.tensor(_iq4_index_table(), dtype=torch.uint8, device=device)
+        tables = _iq4_tables[device] = (index, _codebook(device)[index.long()])
+    return tables
+
+
+def _iq4_cells(doubled: torch.Tensor) -> torch.Tensor:
+    """``2 * x`` (float, overwritten) -> int32 cell numbers into the lookup tables; NaN goes to the top cell like
+    ggml's binary search, +-inf to the ends."""
+    if not bool(torch.isfinite(doubled).all()):
+        doubled.nan_to_num_(nan=1000.0)
+    return doubled.floor_().clamp_(-256, 255).add_(256).to(torch.int32)
+
+
 def _best_index_iq4(values: torch.Tensor) -> torch.Tensor:
-    """ggml's best_index_int8 over the codebook: the nearer of the two entries around each value (ties and NaN go
-    to the upper one), computed with the same float differences ``x - lo < hi - x``."""
-    table = _codebook(values.device)
-    upper = torch.bucketize(values, table, right=True).clamp_(1, 15)  # first entry > x, i.e. ggml's mu
-    lower = upper - 1
-    take_lower = (values - table[lower]) < (table[upper] - values)
-    return upper.sub_(take_lower.to(upper.dtype))
+    """ggml's best_index_int8 over the codebook, as uint8."""
+    index, _ = _iq4_lookup(values.device)
+    return index[_iq4_cells(values * 2.0)]
 
 
 def _iq4_sub_block_scales(x: torch.Tensor) -> torch.Tensor:
     """The per-32 scale search of quantize_row_iq4_nl_impl (ntry 7, weights x^2) on ``(32, B)`` -> ``(B,)``."""
     n = x.shape[0]
     device = x.device
-    table = _codebook(device)
     amax, signed_max = _first_max_abs(x, dim=0)
     all_zero = amax < _GROUP_MAX_EPS
     square = x * x
     sums = torch.empty((n, 2, x.shape[1]), dtype=x.dtype, device=device)
+    sum_rows = sums.unbind(0)
+
+    doubled_x = x * 2.0  # (2x)*id == 2*(x*id) exactly, so the lookup's doubling costs nothing per trial
+    _, level_table = _iq4_lookup(device)
 
     def trial(inverse_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        levels = table[_best_index_iq4(x * inverse_scale)]
+        levels = level_table[_iq4_cells(doubled_x * inverse_scale)]
         weighted = torch.mul(square, levels, out=sums[:, 0])   # w*q
         torch.mul(weighted, levels, out=sums[:, 1])            # w*q*q
         weighted.mul_(x)                                       # w*q*x
-        sum_qx, sum_q2 = _sequential_sum(sums).unbind(0)
+        sum_qx, sum_q2 = _sequential_sum(sum_rows).unbind(0)
         return sum_qx, sum_q2
 
     d = signed_max.neg() / _const(float(IQ4_CODEBOOK[0]), device)  # C: -max/values[0]
@@ -593,6 +661,7 @@ def _pack_iq4_codes(values: torch.Tensor, inverse_scale: torch.Tensor) -> torch.
     return _pack_nibbles(codes[..., :16], codes[..., 16:]).reshape(values.shape[0], -1)
 
 
+@_chunked
 def quant_iq4_nl(values: torch.Tensor) -> torch.Tensor:
     """quantize_iq4_nl (ggml_quantize_chunk's path, ntry 7): one fp16 scale per 32."""
     d = _iq4_sub_block_scales(values.t().contiguous())
@@ -600,6 +669,7 @@ def quant_iq4_nl(values: torch.Tensor) -> torch.Tensor:
                                                                      _safe_reciprocal(d).unsqueeze(1))), dim=1)
 
 
+@_chunked
 def quant_iq4_xs(values: torch.Tensor) -> torch.Tensor:
     """quantize_iq4_xs: the IQ4_NL search per 32, then one fp16 d per 256 and 6-bit signed sub-scales."""
     n_blocks = values.shape[0]
