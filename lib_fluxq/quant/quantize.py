@@ -64,7 +64,22 @@ def _safe_reciprocal(values: torch.Tensor) -> torch.Tensor:
 
 
 def _first_max_abs(values: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """ggml's ``if (amax < fabsf(v)) { amax = fabsf(v); max = v; }``: (amax, the signed value at its first index)."""
+    """ggml's ``if (amax < fabsf(v)) { amax = fabsf(v); max = v; }``: (amax, the signed value at its first index).
+
+    Fast path: the largest and the smallest value decide it (two plain reductions); only when +a and -a tie for the
+    largest magnitude (or NaN is present) does the first index matter, and then the exact argmax path runs.
+    """
+    high = values.amax(dim=dim)
+    low = values.amin(dim=dim)
+    negative_low = low.neg()
+    if not bool(torch.isnan(high).any()) and not bool((high == negative_low).logical_and_(high != 0).any()):
+        use_low = negative_low > high
+        amax = torch.where(use_low, negative_low, high).clamp_(min=0.0)
+        return amax, torch.where(amax > 0, torch.where(use_low, low, high), 0.0)
+    return _first_max_abs_exact(values, dim)
+
+
+def _first_max_abs_exact(values: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     magnitude = values.abs().nan_to_num_(nan=-1.0)  # NaN never wins a C comparison
     index = magnitude.argmax(dim=dim, keepdim=True)  # torch returns the first maximal index, as the strict '<' does
     amax = magnitude.gather(dim, index).squeeze(dim)
@@ -113,9 +128,12 @@ def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
     return grouped.sum(dim=-1, dtype=torch.uint8)
 
 
-def _pack_nibbles(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """Two uint8 tensors of 4-bit values -> one byte each (``low | high << 4``)."""
-    return (low & 0x0F) | ((high & 0x0F) << 4)
+def _pack_nibbles(low: torch.Tensor, high: torch.Tensor, masked: bool = True) -> torch.Tensor:
+    """Two uint8 tensors -> one byte each: ``(low & 15) | (high & 15) << 4``; ``masked=False`` when the caller
+    guarantees values below 16 (saves two passes)."""
+    if masked:
+        low, high = low & 0x0F, high & 0x0F
+    return (high << 4).bitwise_or_(low)
 
 
 def quant_f32(values: torch.Tensor) -> torch.Tensor:
@@ -135,15 +153,15 @@ def quant_bf16(values: torch.Tensor) -> torch.Tensor:
 @_chunked
 def quant_q8_0(values: torch.Tensor) -> torch.Tensor:
     """quantize_row_q8_0_ref: d = amax/127, q = roundf(x * (1/d))."""
-    amax = values.abs().amax(dim=1, keepdim=True)
-    d = amax / _const(127.0, values.device)
+    amax = torch.maximum(values.amax(dim=1, keepdim=True), values.amin(dim=1, keepdim=True).neg_())
+    d = amax.clamp_(min=0.0).add_(0.0) / _const(127.0, values.device)  # +0.0 for all-zero blocks, as in C
     scaled = values * _safe_reciprocal(d)
-    # roundf (half away from zero), exactly: trunc(t) + trunc(2 * frac(t)); frac and 2*frac are exact in float.
-    whole = scaled.trunc()
-    rounded = whole + (scaled - whole).mul_(2.0).trunc_()
+    # roundf (half away from zero) = trunc(t + copysign(0.49999997f, t)) for every float t: the largest float below
+    # 0.5 never carries a non-tie across an integer, and a tie's sum rounds (to even) up to the next integer.
+    half = torch.full_like(scaled, 0.49999997).copysign_(scaled)
     out = torch.empty((values.shape[0], 34), dtype=torch.uint8, device=values.device)
     out[:, 0:2] = _fp16_bytes(d)
-    out[:, 2:] = rounded.to(torch.int8).view(torch.uint8)
+    out[:, 2:] = scaled.add_(half).to(torch.int8).view(torch.uint8)  # the float -> int8 cast truncates
     return out
 
 
@@ -165,11 +183,11 @@ def _legacy_codes(values: torch.Tensor, bits: int, affine: bool) -> tuple[torch.
         d = (signed_max / _const(-float(1 << (bits - 1)), values.device)).unsqueeze(1)
         shifted = (values * _safe_reciprocal(d)).add_((1 << (bits - 1)) + 0.5)  # C: x*id + 8.5f (or 16.5f)
         offset_min = None
-    # C: (int8_t)/(uint8_t) cast truncates toward zero; Q4_x and Q5_0 clamp with MIN(top, .), Q5_1 does not but
-    # keeps only the stored bits.
-    codes = shifted.trunc_().to(torch.int32)
-    codes = codes & top if bits == 5 and affine else codes.clamp_(max=top)
-    return d, offset_min, codes.to(torch.uint8)
+    # C: (int8_t)/(uint8_t) cast truncates toward zero (values here are >= 0, so the float -> uint8 cast does the
+    # same); Q4_x and Q5_0 clamp with MIN(top, .), Q5_1 does not but keeps only the stored bits.
+    if bits == 5 and affine:
+        return d, offset_min, shifted.clamp_(0.0, 255.0).to(torch.uint8).bitwise_and_(top)
+    return d, offset_min, shifted.clamp_(0.0, float(top)).to(torch.uint8)
 
 
 def _quant_legacy(values: torch.Tensor, bits: int, affine: bool) -> torch.Tensor:
@@ -180,7 +198,7 @@ def _quant_legacy(values: torch.Tensor, bits: int, affine: bool) -> torch.Tensor
         parts.append(_fp16_bytes(offset_min))
     if bits == 5:
         parts.append(_pack_bits(codes >> 4))  # qh: bit j = fifth bit of element j
-    parts.append(_pack_nibbles(codes[:, :16], codes[:, 16:]))  # element j low nibble, element j+16 high nibble
+    parts.append(_pack_nibbles(codes[:, :16], codes[:, 16:], masked=bits == 5))  # j low nibble, j+16 high
     return torch.cat(parts, dim=1).reshape(n, -1)
 
 
@@ -367,7 +385,7 @@ def _quant_qk_affine(values: torch.Tensor, nmax: int, rmin: float, rdelta: float
 def quant_q4_k(values: torch.Tensor) -> torch.Tensor:
     head, scale_bytes, codes = _quant_qk_affine(values, nmax=15, rmin=-1.0, rdelta=0.1, nstep=20)
     codes = codes.to(torch.uint8).view(-1, 4, 2, 32)  # per 64 elements: 32 low nibbles, then 32 high nibbles
-    qs = _pack_nibbles(codes[:, :, 0], codes[:, :, 1]).reshape(-1, 128)
+    qs = _pack_nibbles(codes[:, :, 0], codes[:, :, 1], masked=False).reshape(-1, 128)
     return torch.cat((head, scale_bytes, qs), dim=1)
 
 
@@ -658,7 +676,7 @@ def _pack_iq4_codes(values: torch.Tensor, inverse_scale: torch.Tensor) -> torch.
     """``(n, S, 32)`` values times ``(n, S)`` inverse scales -> ``(n, S*16)`` bytes: element j low nibble, j+16
     high nibble, per 32."""
     codes = _best_index_iq4(values * inverse_scale.unsqueeze(-1)).to(torch.uint8)
-    return _pack_nibbles(codes[..., :16], codes[..., 16:]).reshape(values.shape[0], -1)
+    return _pack_nibbles(codes[..., :16], codes[..., 16:], masked=False).reshape(values.shape[0], -1)
 
 
 @_chunked
