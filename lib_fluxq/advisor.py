@@ -567,7 +567,8 @@ class Planner:
 
     # -- one level ------------------------------------------------------------------------------------------
     def estimate(self, level: WeightLevel, width: int | None = None, height: int | None = None,
-                 weight_bytes: int | None = None, t5: str = "fp16") -> LevelEstimate:
+                 weight_bytes: int | None = None, t5: str = T5_OPTIONS[-1][0]) -> LevelEstimate:
+        """Fit and speed of ``level``; RAM is checked with the smallest T5 the plan could fall back to."""
         width = width or self.width
         height = height or self.height
         weights = self.weights(level) if weight_bytes is None else int(weight_bytes)
@@ -844,6 +845,12 @@ class Planner:
                f"{_gb(CONTEXT_BYTES)} GB for CUDA, and streaming more than half the weights every step is slower "
                "than it is worth. Use stable-diffusion.cpp (Q2_K needs 3.7 GB of parameters, no offload) or "
                "SD1.5/SDXL-class models on this card")
+        heavy = [self.estimate(lv, 512, 512) for lv in LEVELS.values() if lv.candidate and lv.fidelity_bits >= 4]
+        heavy = [e for e in heavy if e.fit == "heavy offload" and e.step_s is not None]
+        if heavy:
+            fastest = min(heavy, key=lambda e: e.step_s)
+            why += (f". If you must: {fastest.level} at 512x512 streams {fastest.offloaded_gb} GB per step, "
+                    f"~{fastest.step_s} s/it")
         return self._no_plan_advice(why, estimates, files, cpu_only=False)
 
     def _cpu_only_advice(self, files: Any) -> Advice:

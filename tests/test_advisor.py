@@ -325,3 +325,9 @@ def test_text_rendering_mentions_every_choice() -> None:
     text = render_text(advise(card(8, "RTX 4060")))
     for label in ("Quant level", "GPU Weights (MB)", "Swap method", "Text encoders", "Refine"):
         assert label in text
+
+
+def test_3gb_explains_why_and_what_it_would_cost() -> None:
+    result = advise(card(3, "GTX 1060 3GB", ram_gb=16))
+    assert result.recommended.value is None
+    assert "won't fit" in result.recommended.reason and "s/it" in result.recommended.reason
