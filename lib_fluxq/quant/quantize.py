@@ -100,12 +100,14 @@ def _sequential_sum(terms: torch.Tensor | list[torch.Tensor] | tuple[torch.Tenso
     return total
 
 
-_CHUNK_ELEMENTS = 1 << 17  # per kernel call: the search buffers stay cache-sized, the per-op overhead stays small
+# Input elements per kernel call: big enough that per-op overhead stays small, small enough that the search
+# buffers stay in cache. 2^18 was the fastest of 2^15..2^20 for the K-quants and IQ4 on a 2-core EPYC.
+_CHUNK_ELEMENTS = 1 << 18
 
 
 def _chunked(kernel):
     """Run a block kernel over slices of at most ``_CHUNK_ELEMENTS`` input elements (a loop over chunks, not
-    blocks), writing each slice's bytes into one output."""
+    blocks), concatenating the slices' bytes."""
     @functools.wraps(kernel)
     def run(values: torch.Tensor) -> torch.Tensor:
         per_chunk = max(1, _CHUNK_ELEMENTS // max(values.shape[1], 1))
