@@ -7,6 +7,7 @@ magnitudes (fp16 scales that underflow to 0 or overflow to inf, NaN sums that ma
 
 from __future__ import annotations
 
+import sys
 import zlib
 
 import numpy as np
@@ -103,3 +104,12 @@ def test_cuda_identical_to_ggml(qtype: GGMLQuantizationType) -> None:
         rows = _rows(kind, seed=3)
         ours = quantize(torch.from_numpy(rows).cuda(), qtype).cpu().numpy()
         np.testing.assert_array_equal(ours, ggml_ref.quantize(rows, qtype), err_msg=f"{qtype.name}/{kind}")
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q5_1, T.Q4_K, T.Q3_K, T.IQ4_XS], ids=lambda t: t.name)
+def test_chunked_input_identical_to_ggml(qtype: GGMLQuantizationType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inputs larger than one kernel chunk are split into chunks (rows of blocks) and joined back in order."""
+    kernels = sys.modules["lib_fluxq.quant.quantize"]
+    monkeypatch.setattr(kernels, "_CHUNK_ELEMENTS", 1024)
+    rows = _rows("heavy", seed=11, rows=5, row=1536)  # 7680 elements: 8 chunks, the last one partial
+    np.testing.assert_array_equal(_ours(rows, qtype), ggml_ref.quantize(rows, qtype))
