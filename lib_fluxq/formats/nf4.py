@@ -117,6 +117,8 @@ def quantize_nf4(values: torch.Tensor, blocksize: int = BLOCKSIZE, dtype_name: s
         # zero padding leaves the block's absmax unchanged; padded codes are cut off below
         blocks = torch.nn.functional.pad(part, (0, part_blocks * blocksize - count)).view(part_blocks, blocksize)
         block_absmax = blocks.abs().amax(dim=1)
+        if count % blocksize:  # bitsandbytes stores a partial last block's absmax already clamped
+            block_absmax[-1] = block_absmax[-1].clamp(min=1e-38)
         # multiply by the reciprocal (not divide) and clamp tiny absmax as bitsandbytes does: the same bits out
         scaled = torch.clamp(blocks * (1.0 / block_absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1).reshape(-1)[:count]
         if count % 2:  # an odd count fills the last low nibble with the code of 0.0
