@@ -1,0 +1,65 @@
+"""``python -m lib_fluxq ui``: the Flux Quant tab as a standalone web app (same Blocks as the WebUI tab).
+
+Binds 127.0.0.1 by default: the page can download files and write into your models folder, so it is not exposed to
+the network unless you pass ``--host 0.0.0.0`` yourself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from lib_fluxq.errors import FluxqError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", metavar="DIR", default=os.path.join(os.getcwd(), "models"),
+                        help="WebUI models folder (with Stable-diffusion/, text_encoder/, VAE/; created on download). "
+                             "Default: ./models")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7870, help="port (default 7870; 0 picks a free one)")
+
+
+def page_assets() -> tuple[str, str]:
+    """(css, head): the extension's style.css and javascript/fluxq.js, which the WebUI loads by itself."""
+    with open(os.path.join(ROOT, "style.css"), encoding="utf-8") as handle:
+        css = handle.read()
+    with open(os.path.join(ROOT, "javascript", "fluxq.js"), encoding="utf-8") as handle:
+        head = f"<script>{handle.read()}</script>"
+    return css, head
+
+
+def build_app(models_dir: str):
+    """The standalone gradio app for ``models_dir``."""
+    import gradio as gr
+
+    from lib_fluxq.ui.host import StandaloneHost
+    from lib_fluxq.ui.tab import build_tab
+
+    css, head = page_assets()
+    # system fonts: the default theme fetches Google Fonts, which an offline machine reports as console errors
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "Consolas", "monospace"])
+    with gr.Blocks(title="Flux Quant", css=css, head=head, theme=theme, analytics_enabled=False) as app:
+        build_tab(StandaloneHost(models_dir))
+    return app
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise FluxqError("the ui command needs gradio: pip install gradio==4.40.0 (Forge's version)") from None
+    models = os.path.abspath(args.models)
+    if os.path.exists(models) and not os.path.isdir(models):
+        raise FluxqError(f"--models {models}: not a folder (give the WebUI's models folder)")
+    if not 0 <= args.port <= 65535:
+        raise FluxqError(f"--port {args.port}: give a port between 1 and 65535 (0: any free port)")
+    app = build_app(models)
+    app.queue()
+    print(f"Flux Quant for {models}")
+    app.launch(server_name=args.host, server_port=args.port or None, inbrowser=False, show_api=False,
+               quiet=False)
+    return 0
