@@ -191,3 +191,10 @@ def test_catalog_rows_and_tab_build(models):
     ids = {getattr(block, "elem_id", None) for block in blocks.blocks.values()}
     assert {"fluxq_vram", "fluxq_plan", "fluxq_recommendation", "fluxq_models", "fluxq_dl_btn",
             "fluxq_convert_btn", "fluxq_compare_btn", "fluxq_use"} <= ids
+
+
+def test_a_file_reached_twice_is_listed_once(models):
+    pytest.importorskip("lib_fluxq.inspect")
+    once = handlers.scan_models([str(models)])
+    twice = handlers.scan_models([str(models), str(models / "Stable-diffusion")])
+    assert [r.path for r in twice] == [r.path for r in once]

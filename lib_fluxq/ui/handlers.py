@@ -181,7 +181,15 @@ def scan_models(paths: list[str]) -> list[Any] | None:
     inspect = optional("lib_fluxq.inspect")
     if inspect is None:
         return None
-    return inspect.scan([p for p in paths if os.path.exists(p)])
+    # a host may name a models root and its subfolders (Forge's --ckpt-dir etc.): list each file once
+    seen: set[str] = set()
+    reports = []
+    for report in inspect.scan([p for p in paths if os.path.exists(p)]):
+        key = os.path.realpath(report.path)
+        if key not in seen:
+            seen.add(key)
+            reports.append(report)
+    return reports
 
 
 def inventory(paths: list[str], plan: Plan) -> Inventory | None:

@@ -65,7 +65,8 @@ class ForgeHost(StandaloneHost):
         return folders
 
     def scan_paths(self) -> list[str]:
-        return sorted({self.models_dir, *self.folders().values()})
+        # the model folders themselves (some may live outside models/ through --ckpt-dir, --vae-dir, ...)
+        return sorted(set(self.folders().values()))
 
     def apply(self, checkpoint: str, modules: list[str], gpu_weights_mb: int | None) -> str:
         from modules import sd_models
