@@ -3,7 +3,7 @@
 PYTHON ?= python3
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint clean chromium
 
 .venv-demo/.ready: requirements.txt
 	$(PYTHON) -m venv .venv-demo
@@ -20,12 +20,18 @@ TORCH_PIN ?= torch==2.13.0
 demo: .venv-demo/.ready
 	.venv-demo/bin/python -m lib_fluxq demo
 
-test: .venv-test/.ready
+test: .venv-test/.ready chromium
 	.venv-test/bin/python -m ruff check .
 	.venv-test/bin/python -m pytest -q
 
 bench: .venv-test/.ready
 	.venv-test/bin/python bench/dequant.py
+
+# Debian's chromium for the real-browser UI test (Playwright drives /usr/bin/chromium; it downloads no browser).
+# Needs root (CI runs as root); without it the browser test skips with its reason.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "chromium could not be installed: the browser test will skip"
 
 lint: .venv-test/.ready
 	.venv-test/bin/python -m ruff check .
