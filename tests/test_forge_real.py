@@ -37,8 +37,13 @@ URL = "http://127.0.0.1:7860"
 GB = 1024**3
 
 
-def _write_gguf_streaming(path: Path, shapes: dict[str, tuple[int, ...]], quantize: bool, arch: str,
-                          rename: dict[str, str] | None = None) -> None:
+def _t5_recipe(name: str, shape: tuple[int, ...]) -> bool:
+    """city96's T5 GGUFs: block matrices and the token embedding quantized (Forge dequantizes token_embd itself and
+    cannot handle an F16 one under torch 2.13), relative bias / norms not."""
+    return len(shape) == 2 and (name.startswith("enc.blk.") or name == "token_embd.weight") and "attn_rel_b" not in name
+
+
+def _write_gguf_streaming(path: Path, shapes: dict[str, tuple[int, ...]], recipe, arch: str) -> None:
     """Full-size GGUF without holding it in RAM: tensor infos first, then each tensor's bytes."""
     from tests import ggml_ref
 
@@ -46,7 +51,7 @@ def _write_gguf_streaming(path: Path, shapes: dict[str, tuple[int, ...]], quanti
     packed_by_shape: dict[tuple[int, ...], np.ndarray] = {}
 
     def data_for(name: str, shape: tuple[int, ...]) -> tuple[np.ndarray, T]:
-        if quantize and len(shape) == 2 and shape[1] % 256 == 0 and is_quantized_by_recipe(name, shape):
+        if len(shape) == 2 and shape[1] % 256 == 0 and recipe(name, shape):
             if shape not in packed_by_shape:
                 values = (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[1])).astype(np.float32)
                 packed_by_shape[shape] = ggml_ref.quantize(values, QTYPE)
@@ -59,8 +64,7 @@ def _write_gguf_streaming(path: Path, shapes: dict[str, tuple[int, ...]], quanti
     order = []
     for name, shape in shapes.items():
         data, qtype = data_for(name, shape)
-        out_name = rename(name) if callable(rename) else name
-        writer.add_tensor_info(out_name, data.shape, data.dtype, data.nbytes, raw_dtype=qtype)
+        writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, raw_dtype=qtype)
         order.append((name, shape))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -84,7 +88,7 @@ def _t5_shapes() -> dict[str, tuple[int, ...]]:
         shapes[p + "ffn_up.weight"] = (ff, d)
         shapes[p + "ffn_down.weight"] = (d, ff)
         shapes[p + "ffn_norm.weight"] = (d,)
-    shapes["output_norm.weight"] = (d,)
+    shapes["enc.output_norm.weight"] = (d,)
     return shapes
 
 
@@ -114,9 +118,9 @@ def _build_models(data_dir: Path) -> dict[str, Path]:
              "clip": models / "text_encoder" / "clip_l.safetensors",
              "ae": models / "VAE" / "ae.safetensors"}
     if not files["flux"].exists():
-        _write_gguf_streaming(files["flux"], flux_param_shapes(FLUX_DEV), quantize=True, arch="flux")
+        _write_gguf_streaming(files["flux"], flux_param_shapes(FLUX_DEV), is_quantized_by_recipe, arch="flux")
     if not files["t5"].exists():
-        _write_gguf_streaming(files["t5"], _t5_shapes(), quantize=True, arch="t5encoder")
+        _write_gguf_streaming(files["t5"], _t5_shapes(), _t5_recipe, arch="t5encoder")
     if not files["clip"].exists() or not files["ae"].exists():
         repo = Path(FORGE_DIR) / "backend" / "huggingface" / "black-forest-labs" / "FLUX.1-dev"
         subprocess.run([str(Path(FORGE_DIR) / "venv" / "bin" / "python"), "-c", _BUILD_CLIP_VAE, str(repo),
@@ -172,7 +176,10 @@ def test_real_forge_pairs_flux_parts_and_keeps_gguf_mapped(tmp_path_factory: pyt
         startup = log_path.read_text()
         assert "[fluxq] Forge load hook active" in startup, startup[-3000:]
         assert not re.search(r"Error (loading|running|executing).*fluxq", startup), startup[-3000:]
-        assert "fluxq" not in "".join(re.findall(r"Traceback[\s\S]{0,2000}", startup))
+        # Tracebacks through our code (Forge's own "Failed reading extension data from Git repository" for a
+        # checkout without an 'origin' remote is not ours).
+        tracebacks = re.findall(r"Traceback \(most recent call last\):\n(?:[ \t].*\n)+", startup)
+        assert not [t for t in tracebacks if "lib_fluxq" in t or "fluxq_hooks" in t], tracebacks
         _api("/sdapi/v1/options", {"sd_model_checkpoint": files["flux"].name, "forge_additional_modules": []})
         process = psutil.Process(forge.pid)
         baseline = process.memory_info().rss
