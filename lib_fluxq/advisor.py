@@ -985,6 +985,34 @@ def advise(hardware: Hardware, width: int = 1024, height: int = 1024, model: str
     return Planner(hardware, width, height, model=model, steps=steps).advise(files)
 
 
+def gpu_weights_mb_for_file(path: str, hardware: Hardware | None = None, width: int = 1024,
+                            height: int = 1024) -> int | None:
+    """Forge's "GPU Weights (MB)" for this very file (its level read from the header) on ``hardware``.
+
+    None when the file is not a Flux transformer whose level the advisor knows, or on Apple unified memory.
+    """
+    from lib_fluxq.inspect import inspect_file
+
+    report = inspect_file(path)
+    level = resolve_level(getattr(report, "level", None))
+    if getattr(report, "status", "ok") != "ok" or level is None or not str(report.family).startswith("flux"):
+        return None
+    planner = Planner(hardware or detect(os.path.dirname(path) or "."), width, height)
+    if not planner.hardware.has_gpu:
+        return None
+    estimate = planner.estimate(level, width, height)
+    choice = planner._gpu_weights(level, estimate, planner.reserve_bytes(level, width, height),
+                                  planner.weights(level))
+    return choice.value
+
+
+def gpu_weights_mb_for_loaded_model(sd_model: Any) -> int | None:
+    """The Forge hook's entry point: GPU Weights for the checkpoint ``sd_model`` was loaded from (duck-typed)."""
+    info = getattr(sd_model, "sd_checkpoint_info", None)
+    path = getattr(info, "filename", None)
+    return gpu_weights_mb_for_file(path) if path else None
+
+
 # -------------------------------------------------------------------------------------------------- rendering
 def render_text(advice: Advice) -> str:
     lines: list[str] = []

@@ -331,3 +331,28 @@ def test_3gb_explains_why_and_what_it_would_cost() -> None:
     result = advise(card(3, "GTX 1060 3GB", ram_gb=16))
     assert result.recommended.value is None
     assert "won't fit" in result.recommended.reason and "s/it" in result.recommended.reason
+
+
+def test_gpu_weights_for_a_file_follow_its_level(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Forge hook's optional GPU Weights: the level is read from the file's header, the value is the plan's."""
+    import gguf
+
+    from tests.fixtures import random_flux_state_dict, recipe_qtype, write_gguf
+
+    path = tmp_path / "flux1-dev-custom.gguf"
+    write_gguf(path, random_flux_state_dict(), recipe_qtype(gguf.GGMLQuantizationType.Q8_0))
+    hardware = card(24)
+    planned = advise(hardware)
+    assert planned.recommended.value == "Q8_0" and (planned.width, planned.height) == (1024, 1024)
+    assert advisor.gpu_weights_mb_for_file(str(path), hardware) == planned.gpu_weights_mb.value
+
+    class Loaded:  # what Forge's loaded model exposes
+        sd_checkpoint_info = type("Info", (), {"filename": str(path)})()
+
+    monkeypatch.setattr(advisor, "detect", lambda *_: hardware)
+    assert advisor.gpu_weights_mb_for_loaded_model(Loaded()) == planned.gpu_weights_mb.value
+    assert advisor.gpu_weights_mb_for_loaded_model(object()) is None
+    assert advisor.gpu_weights_mb_for_file(str(path), card(24, backend="cpu")) is None
+    not_flux = tmp_path / "notes.gguf"
+    not_flux.write_bytes(b"GGUF")
+    assert advisor.gpu_weights_mb_for_file(str(not_flux), hardware) is None

@@ -210,7 +210,11 @@ def apply_advised_gpu_weights(sd_model: Any) -> None:
     if advise is None:
         log("GPU Weights setting is on, but the advisor offers no GPU Weights value; left unchanged")
         return
-    megabytes = int(advise(sd_model))
+    megabytes = advise(sd_model)
+    if megabytes is None:
+        log("GPU Weights setting is on, but the advisor has no value for this model or device; left unchanged")
+        return
+    megabytes = int(megabytes)
     from modules import shared
     from modules_forge import main_entry
     shared.opts.set("forge_inference_memory", int(main_entry.total_vram) - megabytes)
