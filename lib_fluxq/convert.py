@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -41,7 +42,7 @@ from lib_fluxq.quant import FORMATS, get_format, quantize, resolve_qtype
 NF4 = "nf4"
 RECIPES = ("default", "all")
 FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
-CHUNK_ELEMENTS = 1 << 24  # float32 working set per quantization step (64 MB)
+CHUNK_ELEMENTS = 1 << 22  # float32 elements per quantization step (16 MB; quantizer temporaries scale with it)
 _GGUF_TORCH_DTYPES = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
                       GGMLQuantizationType.BF16: torch.bfloat16}
 
@@ -662,6 +663,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     target = parse_target(args.to)
     bar = None
@@ -674,10 +679,16 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix_str(name[-40:], refresh=False)
         bar.update(1)
 
+    # SIGTERM (kill, a closing terminal, a service stop) must clean up like Ctrl-C: turn it into KeyboardInterrupt
+    # so convert_file's cleanup runs. Only SIGKILL can leave a hidden ``.NAME.*.partial`` file behind.
+    previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         result = convert_file(args.src, args.output, target, recipe=args.recipe, progress=on_progress,
                               force=args.force)
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if bar is not None:
             bar.close()
     print(f"wrote {result.path}")

@@ -429,3 +429,26 @@ def test_peak_memory_is_bounded_by_a_tensor_not_the_model(tmp_path, target):
     size = src.stat().st_size
     print(f"{target}: source {size / 1e6:.0f} MB, peak RSS {peak / 1e6:.0f} MB, growth {(peak - before) / 1e6:.1f} MB")
     assert peak - before < size * 0.5, f"peak RSS grew {(peak - before) / 1e6:.0f} MB for a {size / 1e6:.0f} MB model"
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_in_the_cli_leaves_nothing(tmp_path, signame):
+    """A real SIGINT/SIGTERM to `python -m lib_fluxq convert` mid-write: exit 130, no output, no temp file."""
+    import signal
+    import time
+
+    config = FluxConfig(hidden=256, heads=2, depth=6, depth_single=12, context_in=256, vec_in=256)
+    src = write_safetensors(tmp_path / "src.safetensors", random_flux_state_dict(config, dtype=torch.bfloat16))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "lib_fluxq", "convert", str(src), "--to", "nf4", "-o",
+                             str(tmp_path / "out.safetensors")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(p.name.endswith(".partial") for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline, "conversion ended before it could be interrupted"
+        time.sleep(0.01)
+    proc.send_signal(getattr(signal, signame))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    _assert_clean(tmp_path, {"src.safetensors"})

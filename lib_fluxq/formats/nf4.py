@@ -97,7 +97,7 @@ def unpack_quant_state(blob: torch.Tensor) -> dict[str, object]:
 
 
 def quantize_nf4(values: torch.Tensor, blocksize: int = BLOCKSIZE, dtype_name: str | None = None,
-                 chunk_blocks: int = 1 << 18) -> NF4Weight:
+                 chunk_blocks: int = 1 << 16) -> NF4Weight:
     """Blockwise absmax NF4 quantization (bitsandbytes' algorithm: scale by 1/absmax, nearest code by midpoints).
 
     Works through ``chunk_blocks`` blocks at a time so the float32 temporaries stay small for huge weights.
