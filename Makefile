@@ -17,8 +17,9 @@ TORCH_PIN ?= torch==2.13.0
 	.venv-test/bin/python -m pip install -q -r requirements-test.txt
 	touch $@
 
+# The main job: the quantization-level table on the embedded Flux slice (about a minute on two CPU cores).
 demo: .venv-demo/.ready
-	.venv-demo/bin/python -m lib_fluxq demo
+	.venv-demo/bin/python -m lib_fluxq compare --plot out/compare.png
 
 test: .venv-test/.ready chromium
 	.venv-test/bin/python -m ruff check .
@@ -26,6 +27,7 @@ test: .venv-test/.ready chromium
 
 bench: .venv-test/.ready
 	.venv-test/bin/python bench/dequant.py
+	.venv-test/bin/python bench/quantize.py
 
 # Debian's chromium for the real-browser UI test (Playwright drives /usr/bin/chromium; it downloads no browser).
 # Needs root (CI runs as root); without it the browser test skips with its reason.

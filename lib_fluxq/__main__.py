@@ -14,7 +14,6 @@ from lib_fluxq.errors import FluxqError
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("lib_fluxq.demo", "build a Flux-shaped GGUF, open it memory-mapped, dequantize every type, report"),
     "inspect": ("lib_fluxq.inspect", "what is this model file / folder (header only, never tensor data)"),
     "advise": ("lib_fluxq.advisor", "recommend quant level, resolution, GPU Weights and text-encoder plan"),
     "convert": ("lib_fluxq.convert", "convert a Flux transformer to a GGUF type or NF4"),

@@ -985,6 +985,17 @@ def advise(hardware: Hardware, width: int = 1024, height: int = 1024, model: str
     return Planner(hardware, width, height, model=model, steps=steps).advise(files)
 
 
+def transformer_vram_gb(level: str, model_bytes: float, width: int = 1024, height: int = 1024) -> float:
+    """VRAM to keep a transformer of ``model_bytes`` at ``level`` fully resident while sampling ``width``x``height``:
+    weights + activations + the dequant scratch of the largest layer (fp16) + CUDA context. Card-independent; the
+    Planner adds the per-card desktop share and headroom on top."""
+    resolved = resolve_level(level)
+    if resolved is None:
+        raise FluxqError(f"unknown weight level '{level}'")
+    scratch = 0 if resolved.kind == "float" and resolved.name in ("BF16", "FP16") else largest_layer_elements() * 2
+    return _gb(model_bytes + activation_bytes(width, height) + scratch + CONTEXT_BYTES)
+
+
 def gpu_weights_mb_for_file(path: str, hardware: Hardware | None = None, width: int = 1024,
                             height: int = 1024) -> int | None:
     """Forge's "GPU Weights (MB)" for this very file (its level read from the header) on ``hardware``.

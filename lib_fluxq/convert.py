@@ -54,6 +54,17 @@ class ConvertError(FluxqError):
     """The conversion cannot run or could not finish; the message names the file and what to do."""
 
 
+class AlreadyQuantizedError(ConvertError):
+    """The source holds quantized weights: quantizing them again compounds the error. ``found`` names the format,
+    ``tensor`` the first quantized tensor (callers such as compare word their own advice from these)."""
+
+    def __init__(self, path: str, found: str, tensor: str | None = None) -> None:
+        self.path, self.found, self.tensor = path, found, tensor
+        where = f" in '{tensor}'" if tensor else ""
+        super().__init__(f"{path}: already quantized ({found}{where}); convert from the original BF16/FP16/FP8 "
+                         "checkpoint or an F16/BF16 GGUF — quantizing a quantized model compounds the error")
+
+
 class ConversionCancelled(FluxqError):
     """Stopped by the caller's cancel event; no output was left behind."""
 
@@ -191,8 +202,7 @@ def _open_safetensors_source(path: str) -> FluxSource:
 def _safetensors_source(path: str, reader: SafetensorsReader) -> FluxSource:
     names = list(reader.entries)
     if any(nf4.is_nf4_key(n) for n in names):
-        raise ConvertError(f"{path}: already quantized (bitsandbytes NF4/FP4 weights); convert from the original "
-                           "BF16/FP16/FP8 checkpoint instead — quantizing a quantized model compounds the error")
+        raise AlreadyQuantizedError(path, "bitsandbytes NF4/FP4 weights")
     skipped: list[str] = []
     if any(n.startswith(FORGE_PREFIX) for n in names):  # all-in-one checkpoint: keep only the transformer
         skipped = [n for n in names if not n.startswith(FORGE_PREFIX)]
@@ -209,8 +219,7 @@ def _safetensors_source(path: str, reader: SafetensorsReader) -> FluxSource:
     for name, key in local.items():
         entry = reader.entries[key]
         if not entry.is_float:
-            raise ConvertError(f"{path}: tensor '{key}' is {entry.dtype}, so the file is already quantized (or not a "
-                               "plain checkpoint); convert from the original BF16/FP16/FP8 checkpoint")
+            raise AlreadyQuantizedError(path, entry.dtype, key)
         tensors[name] = SourceTensor(name, entry.shape, entry.dtype, lambda key=key: reader.read(key))
     return FluxSource(path, layout, _ordered(path, tensors), skipped)
 
@@ -237,8 +246,7 @@ def _diffusers_tensors(path: str, reader: SafetensorsReader,
         entries = [reader.entries[local[p]] for p in parts]
         for entry in entries:
             if not entry.is_float:
-                raise ConvertError(f"{path}: tensor '{entry.name}' is {entry.dtype}, so the file is already "
-                                   "quantized; convert from the original BF16/FP16/FP8 checkpoint")
+                raise AlreadyQuantizedError(path, entry.dtype, entry.name)
         rows = sum(e.shape[0] for e in entries)
         shape = (rows, *entries[0].shape[1:])
         used.update(parts)
@@ -272,8 +280,7 @@ def _open_gguf_source(path: str) -> FluxSource:
         _require_flux(path, {n: None for n in local})
         quantized = [t for t in local.values() if t.qtype not in _GGUF_TORCH_DTYPES]
         if quantized:
-            raise ConvertError(f"{path}: already quantized ({quantized[0].qtype.name} in '{quantized[0].name}'); "
-                               "convert from an F16/BF16 GGUF or the original safetensors checkpoint")
+            raise AlreadyQuantizedError(path, quantized[0].qtype.name, quantized[0].name)
         tensors = {
             name: SourceTensor(name, t.shape, t.qtype.name,
                                lambda t=t: t.data.view(_GGUF_TORCH_DTYPES[t.qtype]).view(t.shape))

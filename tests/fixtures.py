@@ -76,3 +76,26 @@ def write_gguf(path: Path, sd: dict[str, torch.Tensor],
     writer.write_tensors_to_file()
     writer.close()
     return packed
+
+
+def diffusers_state_dict(bfl: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' own BFL -> diffusers conversion. It hard-codes FLUX.1's widths (3072, 12288) for the single-block
+    split, so for the small test model its torch.split sees the same proportions (q, k, v = h each, mlp = 4h)."""
+    from diffusers.loaders import single_file_utils
+
+    real_split = torch.split
+
+    def split(tensor, sizes, dim=0):
+        if isinstance(sizes, tuple) and sum(sizes) != tensor.shape[dim]:
+            h = tensor.shape[dim] // 7
+            sizes = (h, h, h, 4 * h)
+        return real_split(tensor, sizes, dim=dim)
+
+    shim = type("TorchShim", (), {"__getattr__": lambda self, name: getattr(torch, name),
+                                  "split": staticmethod(split)})()
+    original = single_file_utils.torch
+    single_file_utils.torch = shim
+    try:
+        return single_file_utils.convert_flux_transformer_checkpoint_to_diffusers(dict(bfl))
+    finally:
+        single_file_utils.torch = original

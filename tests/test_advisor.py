@@ -356,3 +356,15 @@ def test_gpu_weights_for_a_file_follow_its_level(tmp_path: Path, monkeypatch: py
     not_flux = tmp_path / "notes.gguf"
     not_flux.write_bytes(b"GGUF")
     assert advisor.gpu_weights_mb_for_file(str(not_flux), hardware) is None
+
+
+@pytest.mark.parametrize("level", ["BF16", "Q8_0", "Q5_1", "Q4_K_S", "NF4"])
+def test_card_independent_vram_need_is_the_planners_need(level: str) -> None:
+    """compare's VRAM column (transformer_vram_gb) is the need the Planner fits a card against, at the same size."""
+    planner = Planner(card(24, "RTX 4090"), width=1024, height=1024)
+    weights = transformer_bytes(LEVELS[level])
+    need = planner.estimate(LEVELS[level]).need_gb
+    assert advisor.transformer_vram_gb(level, weights, 1024, 1024) == pytest.approx(need, abs=0.011)
+    assert advisor.transformer_vram_gb(level, weights, 512, 768) < need
+    with pytest.raises(FluxqError, match="unknown weight level 'Q9'"):
+        advisor.transformer_vram_gb("Q9", weights)

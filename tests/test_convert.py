@@ -34,7 +34,14 @@ from lib_fluxq.flux import FluxConfig, flux_param_shapes, is_quantized_by_recipe
 from lib_fluxq.formats.gguf_write import StreamingGGUFWriter
 from lib_fluxq.quant import FORMATS, dequantize
 from tests import ggml_ref
-from tests.fixtures import SMALL_FLUX, random_flux_state_dict, recipe_qtype, write_gguf, write_safetensors
+from tests.fixtures import (
+    SMALL_FLUX,
+    diffusers_state_dict,
+    random_flux_state_dict,
+    recipe_qtype,
+    write_gguf,
+    write_safetensors,
+)
 
 T = gguf.GGMLQuantizationType
 ALL_TYPES = list(FORMATS)
@@ -177,29 +184,6 @@ def test_k_type_alias_and_default_output_name(tmp_path, source_file):
 # --------------------------------------------------------------------------------------------------------------------
 # diffusers layout
 
-def _diffusers_state_dict(bfl: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers' own BFL -> diffusers conversion. It hard-codes FLUX.1's widths (3072, 12288) for the single-block
-    split, so for the small test model its torch.split sees the same proportions (q, k, v = h each, mlp = 4h)."""
-    from diffusers.loaders import single_file_utils
-
-    real_split = torch.split
-
-    def split(tensor, sizes, dim=0):
-        if isinstance(sizes, tuple) and sum(sizes) != tensor.shape[dim]:
-            h = tensor.shape[dim] // 7
-            sizes = (h, h, h, 4 * h)
-        return real_split(tensor, sizes, dim=dim)
-
-    shim = type("TorchShim", (), {"__getattr__": lambda self, name: getattr(torch, name),
-                                  "split": staticmethod(split)})()
-    original = single_file_utils.torch
-    single_file_utils.torch = shim
-    try:
-        return single_file_utils.convert_flux_transformer_checkpoint_to_diffusers(dict(bfl))
-    finally:
-        single_file_utils.torch = original
-
-
 def test_diffusers_names_match_the_real_diffusers_model():
     from diffusers import FluxTransformer2DModel
 
@@ -217,7 +201,7 @@ def test_diffusers_names_match_the_real_diffusers_model():
 
 
 def test_diffusers_source_converts_back_to_bfl(tmp_path, source_sd):
-    diffusers_sd = _diffusers_state_dict(source_sd)
+    diffusers_sd = diffusers_state_dict(source_sd)
     src = write_safetensors(tmp_path / "diffusion_pytorch_model.safetensors", diffusers_sd)
     result = convert_file(src, tmp_path / "o.gguf", "F32")
     assert result.layout == "diffusers" and not result.skipped

@@ -1,0 +1,219 @@
+"""``python -m lib_fluxq compare``: the quantization ladder measured on the embedded default, weight errors checked
+against ggml's own quantizer, every source layout giving the same table, and clear refusals of bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from lib_fluxq import compare
+from lib_fluxq.advisor import transformer_vram_gb
+from lib_fluxq.errors import FluxqError
+from lib_fluxq.flux import is_quantized_by_recipe
+from tests import ggml_ref
+from tests.fixtures import (
+    SMALL_FLUX,
+    diffusers_state_dict,
+    random_flux_state_dict,
+    recipe_qtype,
+    write_gguf,
+    write_safetensors,
+)
+
+T = gguf.GGMLQuantizationType
+REPO = Path(__file__).resolve().parents[1]
+# Ordered by what the formats promise: more bits per weight, or the same bits with finer scales, means less error.
+GGUF_LADDER = ["Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K"]
+
+
+@pytest.fixture(scope="module")
+def embedded_default() -> compare.Comparison:
+    """The demo's source (synthetic slice at Flux-dev's real width), with fewer tokens to keep the test short: the
+    weight errors do not depend on the tokens."""
+    levels = compare.select_levels(",".join(GGUF_LADDER + ["NF4", "FP8", "F16"]))
+    return compare.run_comparison(compare.open_source(None), levels, blocks=1, width=256, height=256,
+                                  text_tokens=8, seed=0, progress=False)
+
+
+def _by_level(comparison: compare.Comparison) -> dict[str, compare.LevelResult]:
+    return {r.level: r for r in comparison.levels}
+
+
+def test_gguf_ladder_holds_on_the_embedded_default(embedded_default):
+    results = _by_level(embedded_default)
+    errors = [results[name].weight_rel_rmse for name in GGUF_LADDER]
+    assert all(e is not None and e > 0 for e in errors)
+    for i in range(1, len(GGUF_LADDER)):
+        better, worse = errors[i - 1], errors[i]
+        assert better < worse, f"{GGUF_LADDER[i - 1]} ({better:.4g}) should beat {GGUF_LADDER[i]} ({worse:.4g})"
+    # the block outputs drift too, and the extremes of the ladder are far apart
+    assert results["Q8_0"].block_rel_error < results["Q4_0"].block_rel_error < results["Q2_K"].block_rel_error
+    assert results["F16"].weight_rel_rmse < 1e-6 < results["Q8_0"].weight_rel_rmse
+
+
+def test_table_prints_nf4_and_fp8_where_they_land(embedded_default):
+    table = compare.format_table(embedded_default)
+    assert "SYNTHETIC" in table and "python -m lib_fluxq compare /path/to" in table
+    rows = {line.split()[0]: line.split() for line in table.splitlines()
+            if line.split() and line.split()[0] in _by_level(embedded_default)}
+    assert {"NF4", "FP8"} <= set(rows)
+    sizes = [float(rows[name][2]) for name in rows]
+    assert sizes == sorted(sizes, reverse=True), "the table is sorted by projected size"
+    results = _by_level(embedded_default)
+    assert results["NF4"].bits_per_weight == pytest.approx(4.5)   # 4-bit codes + an fp32 absmax per 64
+    assert results["FP8"].bits_per_weight == pytest.approx(8.0)
+    for name in ("NF4", "FP8"):
+        assert 0 < results[name].weight_rel_rmse < 1 and 0 < results[name].block_cosine <= 1
+
+
+def test_sizes_and_vram_come_from_the_published_recipe_and_the_advisor(embedded_default):
+    results = _by_level(embedded_default)
+    # F16 everywhere is the 23.8 GB flux1-dev file; city96's Q8_0 is 12.7 GB, Q4_0 6.8 GB
+    assert results["F16"].flux_dev_gb == pytest.approx(23.8, abs=0.05)
+    assert results["Q8_0"].flux_dev_gb == pytest.approx(12.7, abs=0.05)
+    assert results["Q4_0"].flux_dev_gb == pytest.approx(6.8, abs=0.05)
+    for r in results.values():
+        assert r.vram_gb == transformer_vram_gb(r.level, r.flux_dev_gb * 1e9, *compare.VRAM_RESOLUTION)
+        assert r.vram_gb > r.flux_dev_gb * 1e9 / 2**30
+
+
+@pytest.fixture(scope="module")
+def small_flux() -> dict[str, torch.Tensor]:
+    return random_flux_state_dict(SMALL_FLUX, seed=3)
+
+
+def _file_comparison(path: Path, levels: str) -> compare.Comparison:
+    source = compare.open_source(str(path))
+    try:
+        return compare.run_comparison(source, compare.select_levels(levels), blocks=1, width=256, height=256,
+                                      text_tokens=16, seed=0, progress=False)
+    finally:
+        source.close()
+
+
+def test_weight_error_matches_ggml_on_a_file(tmp_path, small_flux):
+    """compare's weight error per level is exactly what ggml's own quantize -> to_float gives on those weights."""
+    path = write_safetensors(tmp_path / "flux.safetensors", small_flux)
+    comparison = _file_comparison(path, "Q6_K,Q4_K,Q5_1,IQ4_XS")
+    assert comparison.double_blocks == [1] and comparison.single_blocks == [1]   # centre of 2 blocks
+    sampled = [n for n in small_flux if n.startswith(("double_blocks.1.", "single_blocks.1."))
+               and is_quantized_by_recipe(n, tuple(small_flux[n].shape))]
+    for result in comparison.levels:
+        qtype = T[result.level]
+        err_sq = ref_sq = 0.0
+        for name in sampled:
+            weight = small_flux[name].numpy().astype(np.float32)
+            restored = ggml_ref.dequantize(ggml_ref.quantize(weight, qtype), qtype, weight.size)
+            err_sq += float(((restored.reshape(weight.shape).astype(np.float64) - weight) ** 2).sum())
+            ref_sq += float((weight.astype(np.float64) ** 2).sum())
+        assert result.weight_rel_rmse == pytest.approx(math.sqrt(err_sq / ref_sq), rel=1e-6), result.level
+        assert result.bits_per_weight == pytest.approx(gguf.GGML_QUANT_SIZES[qtype][1] * 8 /
+                                                       gguf.GGML_QUANT_SIZES[qtype][0])
+
+
+def test_every_source_layout_gives_the_same_table(tmp_path, small_flux):
+    """BFL safetensors, Forge all-in-one prefix, diffusers names and an F32 GGUF hold the same weights."""
+    bfl = write_safetensors(tmp_path / "bfl.safetensors", small_flux)
+    prefixed = write_safetensors(tmp_path / "aio.safetensors",
+                                 {f"model.diffusion_model.{k}": v for k, v in small_flux.items()})
+    diffusers = write_safetensors(tmp_path / "diffusion_pytorch_model.safetensors", diffusers_state_dict(small_flux))
+    gguf_path = tmp_path / "flux-f32.gguf"
+    write_gguf(gguf_path, small_flux, lambda name, shape: T.F32)
+    tables = []
+    for path in (bfl, prefixed, diffusers, gguf_path):
+        comparison = _file_comparison(path, "Q8_0,Q4_0")
+        assert not comparison.synthetic
+        tables.append([(r.level, r.weight_rel_rmse, r.block_rel_error, r.output_rel_error)
+                       for r in comparison.levels])
+    assert all(t == tables[0] for t in tables[1:])
+    assert "diffusers layout" in compare.open_source(str(diffusers)).info.description
+
+
+def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lib_fluxq", "compare", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_cli_json_and_plot(tmp_path, small_flux):
+    path = write_safetensors(tmp_path / "flux.safetensors", small_flux)
+    plot = tmp_path / "plots" / "compare.png"
+    done = _cli(str(path), "--levels", "Q8_0,q4_k,NF4,FP8", "--blocks", "2", "--res", "256x256",
+                "--text-tokens", "16", "--json", "--plot", str(plot), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["synthetic"] is False and data["double_blocks"] == [0, 1]
+    assert [lv["level"] for lv in data["levels"]] == ["Q8_0", "FP8", "Q4_K", "NF4"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 20_000
+    assert [p.name for p in plot.parent.iterdir()] == ["compare.png"]   # no temporary file left behind
+
+
+def _sha(path: Path) -> bytes:
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).digest()
+
+
+@pytest.mark.parametrize("kind", ["gguf_q8_0", "gguf_q4_k", "nf4", "fp8"])
+def test_already_quantized_source_is_refused(tmp_path, small_flux, kind):
+    if kind.startswith("gguf"):
+        path = tmp_path / f"flux-{kind}.gguf"
+        write_gguf(path, small_flux, recipe_qtype(T[kind[5:].upper()]))
+    elif kind == "nf4":
+        from lib_fluxq.convert import convert_file
+        path = tmp_path / "flux-nf4.safetensors"
+        convert_file(write_safetensors(tmp_path / "src.safetensors", small_flux), path, "nf4")
+    else:
+        path = write_safetensors(tmp_path / "flux-fp8.safetensors",
+                                 {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in small_flux.items()})
+    digest = _sha(path)
+    done = _cli(str(path), "--levels", "Q8_0", "--no-progress")
+    assert done.returncode == 1
+    message = done.stderr
+    assert str(path) in message and "full-precision" in message and "F16/BF16" in message
+    assert "Traceback" not in message
+    assert _sha(path) == digest
+
+
+def test_not_flux_is_refused(tmp_path):
+    sdxl = write_safetensors(tmp_path / "sdxl.safetensors", {
+        "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4),
+        "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(4)})
+    done = _cli(str(sdxl))
+    assert done.returncode == 1 and str(sdxl) in done.stderr and "not a Flux transformer" in done.stderr
+    assert "SDXL" in done.stderr and "Traceback" not in done.stderr
+    garbage = tmp_path / "notes.safetensors"
+    garbage.write_text("hello")
+    done = _cli(str(garbage))
+    assert done.returncode == 1 and str(garbage) in done.stderr and "Traceback" not in done.stderr
+    done = _cli(str(tmp_path / "missing.safetensors"))
+    assert done.returncode == 1 and "file not found" in done.stderr
+
+
+def test_too_few_blocks_and_bad_options(tmp_path, small_flux):
+    path = str(write_safetensors(tmp_path / "flux.safetensors", small_flux))
+    with pytest.raises(FluxqError, match=r"only 2 double-stream blocks, cannot sample 3; use --blocks 2"):
+        compare.run_comparison(compare.open_source(path), compare.select_levels("Q8_0"), blocks=3, width=256,
+                               height=256, text_tokens=8, progress=False)
+    done = _cli(path, "--blocks", "0")
+    assert done.returncode == 1 and "--blocks must be at least 1" in done.stderr
+    done = _cli(path, "--blocks", "5")
+    assert done.returncode == 1 and "cannot sample 5" in done.stderr and path in done.stderr
+
+
+def test_unknown_level_names_the_known_ones():
+    with pytest.raises(FluxqError, match=r"unknown level 'Q7_0' in --levels; known: .*Q8_0.*NF4.*FP8"):
+        compare.select_levels("Q8_0,Q7_0")
+    with pytest.raises(FluxqError, match="--levels is empty"):
+        compare.select_levels(" , ")
+    done = _cli("--levels", "Q3_X")
+    assert done.returncode == 1 and "unknown level 'Q3_X'" in done.stderr and "Traceback" not in done.stderr
+    done = _cli("--res", "300x200")
+    assert done.returncode == 1 and "300x200" in done.stderr
+
