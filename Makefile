@@ -11,7 +11,7 @@ TORCH_PIN ?= torch==2.13.0
 	.venv-demo/bin/python -m pip install -q -r requirements.txt
 	touch $@
 
-.venv-test/.ready: requirements.txt requirements-test.txt
+.venv-test/.ready: requirements.txt requirements-ui.txt requirements-test.txt
 	$(PYTHON) -m venv .venv-test
 	.venv-test/bin/python -m pip install -q $(TORCH_PIN)
 	.venv-test/bin/python -m pip install -q -r requirements-test.txt

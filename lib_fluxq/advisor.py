@@ -1,7 +1,7 @@
 """``python -m lib_fluxq advise``: from this machine's VRAM and RAM to a quant level, a resolution, Forge's
 "GPU Weights (MB)" value and a text-encoder plan — with the reason and the numbers behind every choice.
 
-The answer comes from two small models, both documented here and in docs/readme/advise.md:
+The answer comes from two small models, both documented here and in README.md:
 
 Memory model (bytes, per generation at height H x width W, batch B)
   * weights(level)  = sum over the Flux transformer's tensors (lib_fluxq.flux shapes) of elements x bits / 8, where
@@ -385,7 +385,7 @@ class FileVerdict:
 
 @dataclass
 class Advice:
-    """The advisor's answer. Field names are stable (documented in docs/readme/advise.md)."""
+    """The advisor's answer. Field names are stable (documented in README.md)."""
 
     backend: str
     gpu: str | None

@@ -656,7 +656,7 @@ def format_table(comparison: Comparison) -> str:
                  f"{comparison.resolution} ({comparison.image_tokens} image tokens) + {comparison.text_tokens} text "
                  f"tokens, fixed seed")
     lines.append("")
-    header = (f"{'level':<11} {'bits/w':>6} {'Flux-dev GB':>11} {'VRAM GB':>7} {'weight rRMSE':>12} "
+    header = (f"{'level':<11} {'bits/w':>6} {'Flux-dev GB':>11} {'VRAM GiB':>8} {'weight rRMSE':>12} "
               f"{'block rel.err':>13} {'block cos':>9} {'dequant M/s':>11}")
     lines += [header, "-" * len(header)]
     for r in comparison.levels:
@@ -664,13 +664,13 @@ def format_table(comparison: Comparison) -> str:
             lines.append(f"{r.level:<11} {r.reason}")
             continue
         lines.append(f"{r.level:<11} {_fmt(r.bits_per_weight, '6.3f')} {_fmt(r.flux_dev_gb, '11.2f')} "
-                     f"{_fmt(r.vram_gb, '7.1f')} {_fmt(r.weight_rel_rmse, '12.3e')} "
+                     f"{_fmt(r.vram_gb, '8.1f')} {_fmt(r.weight_rel_rmse, '12.3e')} "
                      f"{_fmt(r.block_rel_error, '13.3e')} {_fmt(r.block_cosine, '9.6f')} "
                      f"{_fmt(r.dequant_melem_s, '11.0f')}")
     lines += ["",
               "bits/w: measured packed bytes incl. scales. Flux-dev GB: whole 11.9 B-parameter transformer, block "
               "weights at this level,",
-              "  the rest F16/F32 (city96 recipe). VRAM GB: the advisor's need to sample 1024x1024 with the "
+              "  the rest F16/F32 (city96 recipe). VRAM GiB: the advisor's need to sample 1024x1024 with the "
               "transformer fully resident",
               "  (weights + activations + dequant scratch + CUDA context). weight rRMSE: ||W_q - W|| / ||W|| over all",
               "  sampled block weights.",

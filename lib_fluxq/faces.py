@@ -3,7 +3,7 @@
 Default: OpenCV's bundled Haar cascade ``haarcascade_frontalface_alt2.xml`` (opencv-python / -headless ship it in
 ``cv2.data.haarcascades``; Forge installs opencv-python). It was picked by measurement on scikit-image's real faces
 (``data.lfw_subset()`` composed into scenes, and ``data.astronaut()``) against the other bundled frontal cascades
-and scikit-image's LBP cascade — see docs/readme/refine.md and tests/test_faces.py for the figures.
+and scikit-image's LBP cascade — see README.md and tests/test_faces.py for the figures.
 
 Optional: a user-supplied YOLO face model file (e.g. ADetailer's ``face_yolov8n.pt`` already on disk) through
 ultralytics when it is installed. Nothing here downloads anything.

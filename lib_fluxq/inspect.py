@@ -6,7 +6,7 @@ cannot be read becomes a report with ``status == "unreadable"`` and the reason; 
 
 The report is the shared vocabulary of the advisor (which level, what is missing), the Forge loader hook (pre-check
 before Forge reads 12 GB only to fail) and the UI. ``FileReport.to_dict()`` field names are stable and documented
-in docs/readme/inspect.md.
+in README.md.
 """
 
 from __future__ import annotations

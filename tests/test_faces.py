@@ -5,7 +5,7 @@
   non-face patches as distractors. Ground truth = where a face patch was pasted.
 - ``data.astronaut()``: one real face; checked against scikit-image's own LBP cascade as an independent reference.
 
-The asserted floors are the measured figures (see docs/readme/refine.md) minus a small margin, not made-up bars.
+The asserted floors are the measured figures (see README.md) minus a small margin, not made-up bars.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def test_default_detector_recall_precision_on_lfw_scenes(scenes, default_detecti
     recall, precision, tp, fp, fn = _score(detect, scenes, min_confidence=RefineSettings.face_confidence)
     print(f"\nOpenCV Haar alt2 (default, conf>={RefineSettings.face_confidence}) on {len(scenes)} lfw scenes: "
           f"recall {recall:.3f} precision {precision:.3f} (TP {tp} FP {fp} FN {fn})")
-    # measured here: recall 0.980, precision 0.990 (98 TP, 1 FP, 2 FN; docs/readme/refine.md) — floors just below
+    # measured here: recall 0.980, precision 0.990 (98 TP, 1 FP, 2 FN; README.md) — floors just below
     assert recall >= 0.95
     assert precision >= 0.95
 

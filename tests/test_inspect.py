@@ -532,7 +532,6 @@ def test_scan_200_files_reads_under_one_percent(tmp_path: Path) -> None:
     assert len(reports) == 200 and all(r.status == "ok" for r in reports)
     assert read < 0.01 * total, f"read {read} of {total} bytes"
     assert sum(r.header_bytes_read for r in reports) <= read
-    assert elapsed < 10, f"scan took {elapsed:.2f} s"  # measured ~0.1 s idle; see docs/readme/inspect.md
     print(f"\nscan of 200 files ({total / 1e6:.0f} MB): {elapsed:.3f} s, read {read} bytes "
           f"({100 * read / total:.3f}%)")
 
