@@ -17,9 +17,7 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import gguf
@@ -27,14 +25,11 @@ import numpy as np
 import pytest
 
 from lib_fluxq.flux import FLUX_DEV, flux_param_shapes, is_quantized_by_recipe
+from tests.real_forge import FORGE_DIR, GB, api, forge_python, our_tracebacks, peak_rss, requires_forge, running_forge
 
-FORGE_DIR = os.environ.get("FORGE_DIR")
-pytestmark = pytest.mark.skipif(not FORGE_DIR, reason="set FORGE_DIR to a prepared Forge checkout to run")
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = requires_forge
 T = gguf.GGMLQuantizationType
 QTYPE = T.Q2_K       # no bake_inner in Forge: bytes stay in the file map through sampling too
-URL = "http://127.0.0.1:7860"
-GB = 1024**3
 
 
 def _t5_recipe(name: str, shape: tuple[int, ...]) -> bool:
@@ -123,16 +118,9 @@ def _build_models(data_dir: Path) -> dict[str, Path]:
         _write_gguf_streaming(files["t5"], _t5_shapes(), _t5_recipe, arch="t5encoder")
     if not files["clip"].exists() or not files["ae"].exists():
         repo = Path(FORGE_DIR) / "backend" / "huggingface" / "black-forest-labs" / "FLUX.1-dev"
-        subprocess.run([str(Path(FORGE_DIR) / "venv" / "bin" / "python"), "-c", _BUILD_CLIP_VAE, str(repo),
+        subprocess.run([forge_python(), "-c", _BUILD_CLIP_VAE, str(repo),
                         str(files["clip"]), str(files["ae"])], check=True, timeout=600)
     return files
-
-
-def _api(path: str, payload: dict | None = None, timeout: float = 30) -> dict:
-    data = json.dumps(payload).encode() if payload is not None else None
-    request = urllib.request.Request(URL + path, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
 
 
 def _mapped_resident(pid: int, paths: list[str]) -> int:
@@ -150,80 +138,36 @@ def _mapped_resident(pid: int, paths: list[str]) -> int:
 
 
 def test_real_forge_pairs_flux_parts_and_keeps_gguf_mapped(tmp_path_factory: pytest.TempPathFactory) -> None:
-    import psutil
-
     data_dir = Path(os.environ.get("FLUXQ_FORGE_DATA", tmp_path_factory.mktemp("forge_data")))
     files = _build_models(data_dir)
-    (data_dir / "extensions").mkdir(exist_ok=True)
-    link = data_dir / "extensions" / "fluxq"
-    if not link.exists():
-        link.symlink_to(REPO)
-    log_path = data_dir / "forge.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    args = [str(Path(FORGE_DIR) / "venv" / "bin" / "python"), "launch.py", "--always-cpu", "--api",
-            "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-python-version-check",
-            "--skip-version-check", "--do-not-download-clip", "--data-dir", str(data_dir)]
-    with open(log_path, "w") as log:
-        forge = subprocess.Popen(args, cwd=FORGE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        for _ in range(240):
-            try:
-                _api("/sdapi/v1/options", timeout=5)
-                break
-            except OSError:
-                assert forge.poll() is None, log_path.read_text()[-3000:]
-                time.sleep(1)
+    with running_forge(data_dir) as (forge, log_path):
         startup = log_path.read_text()
         assert "[fluxq] Forge load hook active" in startup, startup[-3000:]
         assert not re.search(r"Error (loading|running|executing).*fluxq", startup), startup[-3000:]
-        # Tracebacks through our code (Forge's own "Failed reading extension data from Git repository" for a
-        # checkout without an 'origin' remote is not ours).
-        tracebacks = re.findall(r"Traceback \(most recent call last\):\n(?:[ \t].*\n)+", startup)
-        assert not [t for t in tracebacks if "lib_fluxq" in t or "fluxq_hooks" in t], tracebacks
-        _api("/sdapi/v1/options", {"sd_model_checkpoint": files["flux"].name, "forge_additional_modules": []})
-        process = psutil.Process(forge.pid)
-        baseline = process.memory_info().rss
-        peak = {"rss": baseline, "mapped": 0}
-        stop = threading.Event()
+        assert not our_tracebacks(startup), our_tracebacks(startup)
+        api("/sdapi/v1/options", {"sd_model_checkpoint": files["flux"].name, "forge_additional_modules": []})
+        mapped = {"at_peak": 0}
 
-        def watch() -> None:
-            while not stop.is_set():
-                try:
-                    rss = process.memory_info().rss
-                    if rss > peak["rss"]:
-                        peak["rss"] = rss
-                        peak["mapped"] = _mapped_resident(forge.pid, [str(files["flux"]), str(files["t5"])])
-                except (psutil.Error, OSError):
-                    return
-                time.sleep(0.2)
+        def measure_mapped() -> None:
+            mapped["at_peak"] = _mapped_resident(forge.pid, [str(files["flux"]), str(files["t5"])])
 
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
         started = time.time()
-        try:
-            result = _api("/sdapi/v1/txt2img", {"prompt": "a cat", "width": 64, "height": 64, "steps": 1,
-                                                "cfg_scale": 1.0, "distilled_cfg_scale": 3.5, "sampler_name": "Euler",
-                                                "scheduler": "Simple", "seed": 1}, timeout=1500)
-        finally:
-            stop.set()
-            watcher.join()
+        with peak_rss(forge.pid, on_peak=measure_mapped) as rss:
+            result = api("/sdapi/v1/txt2img", {"prompt": "a cat", "width": 64, "height": 64, "steps": 1,
+                                               "cfg_scale": 1.0, "distilled_cfg_scale": 3.5, "sampler_name": "Euler",
+                                               "scheduler": "Simple", "seed": 1}, timeout=1500)
         elapsed = time.time() - started
         log_text = log_path.read_text()
-        report = {"baseline_rss_gb": baseline / GB, "peak_rss_gb": peak["rss"] / GB,
-                  "mapped_resident_at_peak_gb": peak["mapped"] / GB, "flux_gguf_gb": files["flux"].stat().st_size / GB,
-                  "t5_gguf_gb": files["t5"].stat().st_size / GB, "seconds": elapsed}
+        report = {"baseline_rss_gb": rss["baseline"] / GB, "peak_rss_gb": rss["peak"] / GB,
+                  "mapped_resident_at_peak_gb": mapped["at_peak"] / GB,
+                  "flux_gguf_gb": files["flux"].stat().st_size / GB, "t5_gguf_gb": files["t5"].stat().st_size / GB,
+                  "seconds": elapsed}
         print("REAL FORGE:", json.dumps(report))
         (data_dir / "report.json").write_text(json.dumps(report, indent=1))
         assert result.get("images"), log_text[-3000:]
         for part, name in (("clip_l", files["clip"].name), ("t5xxl", files["t5"].name), ("ae", files["ae"].name)):
             assert f"adding {part} from {name}" in log_text, log_text[-3000:]
         # Anonymous memory grown beyond the mapped file pages: CLIP-L + VAE (materialized by Forge) and activations.
-        grown_private = peak["rss"] - baseline - peak["mapped"]
+        grown_private = rss["peak"] - rss["baseline"] - mapped["at_peak"]
         assert grown_private < 3 * GB, report
-    finally:
-        forge.terminate()
-        try:
-            forge.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            forge.kill()
     sys.stdout.flush()
