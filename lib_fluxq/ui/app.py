@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
 from lib_fluxq.errors import FluxqError
+
+if TYPE_CHECKING:  # gradio is imported only when the app is built
+    import gradio as gr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,7 +35,7 @@ def page_assets() -> tuple[str, str]:
     return css, head
 
 
-def build_app(models_dir: str):
+def build_app(models_dir: str) -> gr.Blocks:
     """The standalone gradio app for ``models_dir``."""
     import gradio as gr
 
