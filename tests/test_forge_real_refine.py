@@ -1,19 +1,30 @@
 """Opt-in: "fluxq refine" inside a REAL Forge (FORGE_DIR=/path/to/stable-diffusion-webui-forge with its venv in venv/).
 
 Skipped unless FORGE_DIR is set (prepare Forge as FORGE_NOTES §9 says). No model can be downloaded here, so the
-test builds one SD1.5 checkpoint with random weights in the original single-file layout (UNet
+tests build random-weight models (tests/real_forge.py): an SD1.5 checkpoint in the original single-file layout (UNet
 ``model.diffusion_model.*``, VAE ``first_stage_model.*``, CLIP-L ``cond_stage_model.transformer.text_model.*``; fp16,
-~2 GB) from Forge's own UNet/VAE classes and its bundled runwayml configs, and a random SD VAE as the user's
-"VAE / Text Encoder" module. The first pass is that SD1.5 checkpoint under one name (a Flux first pass would take
-many minutes on CPU; the script does not care what made the image), the refine checkpoint the same file hard-linked
-under a second name, so Forge really switches models. Images are noise: this tests the wiring, not image quality.
+~2 GB) from Forge's own UNet/VAE classes and its bundled runwayml configs, a random SD VAE as a user's "VAE / Text
+Encoder" module, and (second test) the full-shape FLUX.1-dev Q2_K GGUF + T5-XXL Q2_K GGUF + CLIP-L + ae of
+test_forge_real.py. Images are noise: these test the wiring, not image quality.
 
-Checks: the requests succeed; images come back at first-pass size x scale (multiples of 8); the infotext carries the
-``fluxq refine`` keys; Forge's console shows exactly one refine model load per job (two batches in the first job),
-with no additional modules for it while the first pass loaded the user's module; the user's checkpoint and modules
-are back in /sdapi/v1/options afterwards and the next job loads them again; no traceback through our code.
-Needs ~2.5 GB disk (removed afterwards unless FLUXQ_FORGE_REFINE_DATA names a data dir to keep), ~13 GB RAM (Forge
-keeps SD1.5 in fp32 on CPU; peak RSS 12.1 GB here) and about a minute on a 2-core CPU.
+``test_real_forge_refine_switches_once_and_restores``: the first pass is the SD1.5 checkpoint under one name (fast;
+the script does not care what made the image), the refine checkpoint the same file hard-linked under a second name,
+so Forge really switches models. Checks: the requests succeed; images come back at first-pass size x scale (multiples
+of 8); the infotext carries the ``fluxq refine`` keys; Forge's console shows exactly one refine model load per job
+(two batches in the first job), with no additional modules for it while the first pass loaded the user's module; the
+user's checkpoint and modules are back in /sdapi/v1/options afterwards and the next job loads them again; no
+traceback through our code. Needs ~2.5 GB disk, ~13 GB RAM (Forge keeps SD1.5 in fp32 on CPU; peak RSS 12.1 GB
+here) and about a minute on a 2-core CPU.
+
+``test_real_forge_flux_then_sd15_refine``: the product's workflow — the user selected the Flux GGUF with clip_l,
+t5xxl and ae as forge_additional_modules; one 64x64 Flux txt2img (1 step) with refine on (the SD1.5 checkpoint,
+scale 1.5, faces on). Checks: the request succeeds; the image is 96x96; Forge's console shows the Flux load with the
+three modules, then ONE load of the SD1.5 checkpoint with ``'additional_modules': []`` (the Flux ae/T5/CLIP-L must
+not be merged into the SD model, Forge #2255); the user's checkpoint and modules are back afterwards; the infotext
+has the refine keys; no traceback through our code. Needs ~8 GB disk and a few minutes on a 2-core CPU.
+
+Model files live in pytest temp dirs and are removed afterwards, unless FLUXQ_FORGE_REFINE_DATA /
+FLUXQ_FORGE_FLUX_REFINE_DATA name data dirs to keep them in for the next run.
 """
 
 from __future__ import annotations
@@ -22,10 +33,7 @@ import ast
 import base64
 import io
 import json
-import os
 import re
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,63 +42,22 @@ import pytest
 from PIL import Image
 
 from lib_fluxq import refine as R
-from tests.real_forge import FORGE_DIR, GB, api, forge_python, our_tracebacks, peak_rss, requires_forge, running_forge
+from tests.real_forge import (
+    GB,
+    SD15_FIRST,
+    SD15_REFINE,
+    api,
+    build_flux_models,
+    build_sd15_models,
+    model_data_dir,
+    our_tracebacks,
+    peak_rss,
+    requires_forge,
+    running_forge,
+)
 
 pytestmark = requires_forge
-
-# Forge's UNet takes ldm-style config (what huggingface_guess detects for SD1.5); its VAE class already has the ldm
-# key names, so both state dicts are saved as they are under the single-file prefixes.
-_BUILD_SD15 = r"""
-import sys
-repo, checkpoint_out, vae_out = sys.argv[1:4]
-sys.argv[1:] = ['--always-cpu']  # Forge's backend parses argv at import; CPU-only torch here
-sys.path[:0] = ['.', 'packages_3rdparty']  # Forge's root and its vendored gguf
-import torch
-from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel
-from backend.nn.unet import IntegratedUNet2DConditionModel
-from backend.nn.vae import IntegratedAutoencoderKL
-torch.manual_seed(0)
-sd = {}
-unet = IntegratedUNet2DConditionModel(
-    in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
-    num_heads=8, num_head_channels=-1, use_spatial_transformer=True, transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-    transformer_depth_middle=1, transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    use_linear_in_transformer=False, context_dim=768, adm_in_channels=None).half()
-sd.update({'model.diffusion_model.' + k: v.contiguous() for k, v in unet.state_dict().items()})
-del unet
-vae_config = IntegratedAutoencoderKL.load_config(repo + '/vae')
-vae = IntegratedAutoencoderKL.from_config(vae_config).half()
-sd.update({'first_stage_model.' + k: v.contiguous() for k, v in vae.state_dict().items()})
-clip = CLIPTextModel(CLIPTextConfig.from_pretrained(repo + '/text_encoder')).half()
-for k, v in clip.state_dict().items():
-    sd['cond_stage_model.transformer.' + k] = v.contiguous()
-# zero final-norm bias → NaN images downstream (FORGE_NOTES §9)
-key = 'cond_stage_model.transformer.text_model.final_layer_norm.bias'
-sd[key] = torch.full_like(sd[key], 0.01)
-save_file(sd, checkpoint_out)
-torch.manual_seed(1)
-user_vae = IntegratedAutoencoderKL.from_config(vae_config).half()  # a standalone SD VAE (ldm names, no prefix)
-save_file({k: v.contiguous() for k, v in user_vae.state_dict().items()}, vae_out)
-"""
-
-FIRST, REFINE = "fluxq_first_sd15.safetensors", "fluxq_refine_sd15.safetensors"
 WIDTH, HEIGHT, SCALE = 64, 72, 1.5  # 72 x 1.5 = 108 → 112: the rounding to multiples of 8 is exercised too
-
-
-def _build_models(data_dir: Path) -> dict[str, Path]:
-    checkpoints, vae_dir = data_dir / "models" / "Stable-diffusion", data_dir / "models" / "VAE"
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    vae_dir.mkdir(parents=True, exist_ok=True)
-    files = {"first": checkpoints / FIRST, "refine": checkpoints / REFINE,
-             "vae": vae_dir / "fluxq_user_vae.safetensors"}
-    if not files["first"].exists() or not files["vae"].exists():
-        repo = Path(FORGE_DIR) / "backend" / "huggingface" / "runwayml" / "stable-diffusion-v1-5"
-        subprocess.run([forge_python(), "-c", _BUILD_SD15, str(repo), str(files["first"]), str(files["vae"])],
-                       cwd=FORGE_DIR, check=True, timeout=900)
-    if not files["refine"].exists():
-        os.link(files["first"], files["refine"])  # a second name without a second 2 GB
-    return files
 
 
 def _model_loads(log_text: str) -> list[tuple[str, list[str]]]:
@@ -115,12 +82,19 @@ def _txt2img(n_iter: int, refine: dict) -> tuple[dict, float]:
     return result, time.time() - started
 
 
+def _assert_refine_infotexts(result: dict, scale: float) -> None:
+    for infotext in json.loads(result["info"])["infotexts"]:
+        assert "fluxq refine: True" in infotext, infotext
+        for key in ("checkpoint", "scale", "denoise", "steps", "family", "cfg", "faces"):
+            assert f"{R.infotext_key(key)}: " in infotext, (key, infotext)
+        assert f"{R.infotext_key('scale')}: {scale}" in infotext, infotext
+        assert f"{R.infotext_key('family')}: sd15" in infotext, infotext
+
+
 def test_real_forge_refine_switches_once_and_restores(tmp_path_factory: pytest.TempPathFactory) -> None:
-    own_data = "FLUXQ_FORGE_REFINE_DATA" not in os.environ  # a given data dir keeps its models for the next run
-    data_dir = Path(os.environ.get("FLUXQ_FORGE_REFINE_DATA") or tmp_path_factory.mktemp("forge_refine"))
-    try:
+    with model_data_dir(tmp_path_factory, "FLUXQ_FORGE_REFINE_DATA", "forge_refine") as data_dir:
         started = time.time()
-        files = _build_models(data_dir)
+        files = build_sd15_models(data_dir)
         build_s = time.time() - started
         with running_forge(data_dir) as (forge, log_path):
             startup = log_path.read_text()
@@ -129,9 +103,9 @@ def test_real_forge_refine_switches_once_and_restores(tmp_path_factory: pytest.T
             modules = api("/sdapi/v1/sd-modules")
             user_vae = next(m["filename"] for m in modules if Path(m["filename"]).name == files["vae"].name)
             # the user's selection: first-pass checkpoint plus a VAE module (as a Flux user has ae/clip_l/t5 selected)
-            api("/sdapi/v1/options", {"sd_model_checkpoint": FIRST, "forge_additional_modules": [user_vae]})
+            api("/sdapi/v1/options", {"sd_model_checkpoint": SD15_FIRST, "forge_additional_modules": [user_vae]})
             before = api("/sdapi/v1/options")
-            refine = {"enable": True, "checkpoint": REFINE, "scale": SCALE, "steps": 2, "denoise": 0.3,
+            refine = {"enable": True, "checkpoint": SD15_REFINE, "scale": SCALE, "steps": 2, "denoise": 0.3,
                       "faces": True, "sampler": "Euler", "scheduler": "Automatic"}
             log_offset = len(log_path.read_text())
             with peak_rss(forge.pid) as rss:
@@ -159,23 +133,84 @@ def test_real_forge_refine_switches_once_and_restores(tmp_path_factory: pytest.T
             assert len(result["images"]) == count, log_text[-3000:]
             for encoded in result["images"]:
                 assert _decode(encoded).size == expected_size
-            info = json.loads(result["info"])
-            for infotext in info["infotexts"]:
-                assert "fluxq refine: True" in infotext, infotext
-                for key in ("checkpoint", "scale", "denoise", "steps", "family", "cfg", "faces"):
-                    assert f"{R.infotext_key(key)}: " in infotext, (key, infotext)
-                assert f"{R.infotext_key('scale')}: {SCALE}" in infotext and f"{R.infotext_key('family')}: sd15" \
-                    in infotext, infotext
+            _assert_refine_infotexts(result, SCALE)
         # each job: the user's checkpoint with its module for the first pass, then ONE switch to the refine
         # checkpoint with no additional modules, however many batches
         for log_job in (log_job1, log_job2):
-            assert _model_loads(log_job) == [(FIRST, [files["vae"].name]), (REFINE, [])], log_job[-3000:]
+            assert _model_loads(log_job) == [(SD15_FIRST, [files["vae"].name]), (SD15_REFINE, [])], log_job[-3000:]
         assert len(re.findall(r"^\[fluxq refine\] image \d+/2: 64x72 → 96x112", log_job1, flags=re.M)) == 2
         # the user's selection is back after the job (and the second job's first pass loaded it again, above)
         for key in ("sd_model_checkpoint", "forge_additional_modules"):
             assert after[key] == before[key], (key, before[key], after[key])
         assert not our_tracebacks(log_text), our_tracebacks(log_text)
-    finally:
-        if own_data:  # 2 GB per run; pytest would keep the last three temp dirs
-            shutil.rmtree(data_dir / "models", ignore_errors=True)
+    sys.stdout.flush()
+
+
+def _available_memory() -> int:
+    with open("/proc/meminfo") as meminfo:
+        return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+
+
+def test_real_forge_flux_then_sd15_refine(tmp_path_factory: pytest.TempPathFactory) -> None:
+    width = height = 64
+    scale = 1.5
+    with model_data_dir(tmp_path_factory, "FLUXQ_FORGE_FLUX_REFINE_DATA", "forge_flux_refine") as data_dir:
+        started = time.time()
+        flux = build_flux_models(data_dir)
+        sd15 = build_sd15_models(data_dir)
+        build_s = time.time() - started
+        with running_forge(data_dir) as (forge, log_path):
+            startup = log_path.read_text()
+            assert not our_tracebacks(startup), our_tracebacks(startup)
+            assert not re.search(r"Error (loading|running|executing).*fluxq", startup), startup[-3000:]
+            by_name = {Path(m["filename"]).name: m["filename"] for m in api("/sdapi/v1/sd-modules")}
+            user_modules = [by_name[flux[part].name] for part in ("clip", "t5", "ae")]
+            # the user's selection: the Flux GGUF with its clip_l / t5xxl / ae modules, as the Flux UI preset has it
+            api("/sdapi/v1/options", {"sd_model_checkpoint": flux["flux"].name,
+                                      "forge_additional_modules": user_modules})
+            before = api("/sdapi/v1/options")
+            refine = {"enable": True, "checkpoint": sd15["refine"].name, "scale": scale, "steps": 2,
+                      "denoise": 0.3, "faces": True, "sampler": "Euler", "scheduler": "Automatic"}
+            payload = {"prompt": "portrait photo of a woman", "width": width, "height": height, "steps": 1,
+                       "cfg_scale": 1.0, "distilled_cfg_scale": 3.5, "sampler_name": "Euler", "scheduler": "Simple",
+                       "seed": 1, "alwayson_scripts": {"fluxq refine": {"args": [refine]}}}
+            log_offset = len(log_path.read_text())
+            least_available = {"bytes": _available_memory()}
+
+            def at_peak() -> None:
+                least_available["bytes"] = min(least_available["bytes"], _available_memory())
+
+            job_started = time.time()
+            with peak_rss(forge.pid, on_peak=at_peak) as rss:
+                result = api("/sdapi/v1/txt2img", payload, timeout=1500)
+            job_s = time.time() - job_started
+            after = api("/sdapi/v1/options")
+            log_job = log_path.read_text()[log_offset:]
+
+        loads = _model_loads(log_job)
+        report = {"build_models_s": round(build_s, 1), "job_s": round(job_s, 1),
+                  "model_load_times": re.findall(r"^Model loaded in .*$", log_job, flags=re.M),
+                  "baseline_rss_gb": round(rss["baseline"] / GB, 2), "peak_rss_gb": round(rss["peak"] / GB, 2),
+                  "least_mem_available_at_rss_peaks_gb": round(least_available["bytes"] / GB, 2),
+                  "flux_gguf_gb": round(flux["flux"].stat().st_size / GB, 2),
+                  "t5_gguf_gb": round(flux["t5"].stat().st_size / GB, 2),
+                  "sd15_gb": round(sd15["refine"].stat().st_size / GB, 2), "loads": loads,
+                  "refine_log": re.findall(r"^\[fluxq refine\].*$", log_job, flags=re.M)}
+        print("REAL FORGE FLUX + REFINE:", json.dumps(report, indent=1, ensure_ascii=False))
+
+        assert len(result["images"]) == 1, log_job[-3000:]
+        expected_size = R.target_size(width, height, scale)
+        assert expected_size == (96, 96)
+        assert _decode(result["images"][0]).size == expected_size
+        _assert_refine_infotexts(result, scale)
+        # the Flux pass loads the GGUF with the user's modules, the refine ONE SD1.5 load with none of them
+        assert [name for name, _ in loads] == [flux["flux"].name, sd15["refine"].name], log_job[-3000:]
+        assert sorted(loads[0][1]) == sorted(flux[part].name for part in ("clip", "t5", "ae")), loads
+        assert loads[1][1] == [], loads
+        assert re.search(rf"^Loading Model: .*{re.escape(sd15['refine'].name)}.*'additional_modules': \[\]", log_job,
+                         flags=re.M), log_job[-3000:]
+        assert re.search(r"^\[fluxq refine\] image 1/1: 64x64 → 96x96 \(SD1\.5", log_job, flags=re.M), log_job[-3000:]
+        for key in ("sd_model_checkpoint", "forge_additional_modules"):
+            assert after[key] == before[key], (key, before[key], after[key])
+        assert not our_tracebacks(log_job), our_tracebacks(log_job)
     sys.stdout.flush()
