@@ -1,13 +1,14 @@
-// Flux Quant tab: size presets and "Use this" write txt2img/img2img width/height like WebUI extensions do.
+// Flux Quant tab: size presets and "Use this" write txt2img/img2img width/height (and Forge's GPU Weights) like
+// WebUI extensions do: set the field, fire its input event, and the host's own handlers take it from there.
 (function () {
     function root() {
         return typeof gradioApp === "function" ? gradioApp() : document;
     }
 
     // Set a gradio number/slider field and fire its input event so gradio (and the WebUI) see the change.
-    function setField(id, value) {
+    function setInputs(inputs, value) {
         var changed = false;
-        root().querySelectorAll("#" + id + " input").forEach(function (input) {
+        inputs.forEach(function (input) {
             input.value = value;
             input.dispatchEvent(new Event("input", {bubbles: true}));
             changed = true;
@@ -15,7 +16,22 @@
         return changed;
     }
 
-    window.fluxqSetSize = function (size) {
+    function setField(id, value) {
+        return setInputs(root().querySelectorAll("#" + id + " input"), value);
+    }
+
+    // Forge's "GPU Weights (MB)" slider (no elem_id; its number box and range carry the label). Setting it here
+    // rather than only on the server keeps the page and Forge agreeing: Forge applies the slider's value again on
+    // its own change event, and would otherwise overwrite ours with the stale one the next time it is touched.
+    window.fluxqSetGpuWeights = function (megabytes) {
+        var value = parseInt(megabytes, 10);
+        if (!(value >= 0)) return false;
+        return setInputs(root().querySelectorAll('input[aria-label$="GPU Weights (MB)"]'), value);
+    };
+
+    // Writes WIDTHxHEIGHT into txt2img/img2img and says so next to the buttons: in the row of ``origin`` (the
+    // clicked button) or, without one ("Use this"), in every preset row of the tab.
+    window.fluxqSetSize = function (size, origin) {
         var match = /^(\d+)\s*[x×]\s*(\d+)$/.exec(String(size || "").trim());
         if (!match) return false;
         var done = false;
@@ -23,17 +39,19 @@
             done = setField(tab + "_width", match[1]) | done;
             done = setField(tab + "_height", match[2]) | done;
         });
-        var status = root().querySelector("#fluxq_size_status");
-        if (status) {
+        var row = origin && origin.closest ? origin.closest(".fluxq-presets") : null;
+        var statuses = row ? row.querySelectorAll(".fluxq-size-status")
+            : root().querySelectorAll("#fluxq_root .fluxq-size-status");
+        statuses.forEach(function (status) {
             status.textContent = done ? "txt2img / img2img size set to " + match[1] + "×" + match[2]
                 : "size " + match[1] + "×" + match[2] + " (no txt2img tab on this page: set it in the WebUI)";
-        }
-        return done;
+        });
+        return Boolean(done);
     };
 
     // Preset buttons live in HTML the tab re-renders; one delegated listener serves them all.
     document.addEventListener("click", function (event) {
         var button = event.target.closest ? event.target.closest("[data-fluxq-size]") : null;
-        if (button) window.fluxqSetSize(button.getAttribute("data-fluxq-size"));
+        if (button) window.fluxqSetSize(button.getAttribute("data-fluxq-size"), button);
     });
 })();

@@ -194,7 +194,7 @@ def test_vram_override_changes_the_recommendation_and_the_verdicts(page, setup):
     for name, (level, _) in SIZED.items():
         assert rows[name]["level"] == level and rows[name]["family"] == "flux-dev"
         assert rows[name]["verdict"] == verdicts[name], name
-        assert rows[name]["missing parts"] == "clip_l, t5xxl, vae"
+        assert rows[name]["missing parts"] == "clip_l, t5xxl, ae (see Get a model)"
     assert {r["verdict"].split()[0] for r in rows.values()} >= {"fits", "offloads"}
     page.screenshot(path=str(SHOTS / "planned-8gb.png"), full_page=True)
     assert page.problems == []
@@ -241,6 +241,9 @@ def test_download_from_the_hub_lands_in_the_right_folder(page, setup):
         all("clip_l.safetensors" in r[1] or r[1].startswith("/cdn/") for r in setup["hub"].requests)
     page.wait_for_function("() => document.querySelector('#fluxq_models').innerText.includes('clip_l.safetensors')",
                            timeout=30_000)
+    rows = {r["file"]: r for r in _table(page, "#fluxq_models")}
+    for name in SIZED:   # the Flux files now pair with the downloaded CLIP-L; T5 and the VAE are still to get
+        assert rows[name]["missing parts"] == "t5xxl, ae (see Get a model)", rows[name]
     page.locator("#fluxq_dl_jobs").scroll_into_view_if_needed()
     page.screenshot(path=str(SHOTS / "downloaded.png"), full_page=True)
     assert page.problems == []
@@ -263,6 +266,8 @@ def test_preset_buttons_write_txt2img_size_fields(page):
         [...document.querySelectorAll('#' + id + ' input')].map(i => i.value).concat(
         [document.getElementById(id).dataset.events]))""")
     assert values == [[width, width, "2"], [height, height, "2"]]
+    status = button.locator("xpath=..").locator(".fluxq-size-status").inner_text()
+    assert status == f"txt2img / img2img size set to {width}×{height}", status
     assert page.problems == []
 
 

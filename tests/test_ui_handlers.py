@@ -106,13 +106,40 @@ def test_models_table_matches_inspector_and_advisor(models):
         assert row["verdict"].split()[0] == verdict.verdict.split()[0]
         if verdict.step_s is not None:
             assert row["verdict"].endswith(f"~{verdict.step_s:g} s/it")
-        assert row["missing parts"] == ", ".join(report.missing_for_flux)
+        if report.family.startswith("flux-"):   # no text encoder / VAE on disk: all three are to download
+            assert row["missing parts"] == "clip_l, t5xxl, ae (see Get a model)", row
+        else:
+            assert row["missing parts"] == "-", row
     assert rows["flux1-dev-Q8_0.gguf"]["verdict"] != rows["flux1-dev-Q4_0.gguf"]["verdict"]
     choices = handlers.transformer_choices(inventory)
     assert Path(choices[0]).name in {n for n, v in verdicts.items() if v.verdict == "fits"}
     assert [Path(p).name for p in handlers.convertible_choices(inventory)] == ["tiny-flux-dev-bf16.safetensors"]
     html_table = handlers.table_html(handlers.MODEL_COLUMNS, handlers.model_rows(inventory))
     assert html_table.count("<tr>") == len(reports) + 1 and "{not json" not in html_table
+
+
+def test_models_table_says_what_the_files_on_disk_pair_with(models, tmp_path):
+    """"missing parts" is what neither the checkpoint nor a text-encoder / VAE file provides — the pairing "Use this"
+    and the load hook do — not what the transformer-only file lacks (which every GGUF lacks)."""
+    from safetensors.torch import save_file
+    plan = handlers.make_plan(cpu_machine(), "", 8, None)
+    inventory = handlers.inventory([str(models)], plan)
+    clip, sd_vae, ae = tmp_path / "clip_l.safetensors", tmp_path / "sd-vae.safetensors", tmp_path / "ae.safetensors"
+    save_file({"text_model.encoder.layers.0.layer_norm1.bias": torch.zeros(768)}, str(clip))
+    save_file({"decoder.conv_in.weight": torch.zeros(512, 4, 3, 3)}, str(sd_vae))   # an SD VAE: no use to Flux
+    save_file({"decoder.conv_in.weight": torch.zeros(512, 16, 3, 3)}, str(ae))
+
+    def missing(module_files: list[Path]) -> str:
+        rows = {row[0]: row[-1] for row in handlers.model_rows(inventory, [str(p) for p in module_files])}
+        assert rows["tiny-flux-dev-bf16.safetensors"] == rows["flux1-dev-Q8_0.gguf"]   # every Flux transformer
+        return rows["flux1-dev-Q8_0.gguf"]
+
+    assert missing([clip, sd_vae]) == "t5xxl, ae (see Get a model)"
+    assert missing([clip, sd_vae, ae]) == "t5xxl (see Get a model)"
+    t5 = tmp_path / "t5xxl_fp8_e4m3fn.safetensors"
+    save_file({"encoder.block.0.layer.0.SelfAttention.k.weight": torch.zeros(8, 8, dtype=torch.float8_e4m3fn)}, str(t5))
+    assert missing([clip, sd_vae, ae, t5]) == \
+        "none: pairs with clip_l.safetensors, t5xxl_fp8_e4m3fn.safetensors, ae.safetensors"
 
 
 def test_use_this_pairs_modules_by_content(models, tmp_path):

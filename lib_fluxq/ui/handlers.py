@@ -134,7 +134,8 @@ def preset_buttons(sizes: list[tuple[int, int]], label: str = "Send size to txt2
     """Buttons fluxq.js turns into txt2img/img2img width/height (data-fluxq-size)."""
     buttons = "".join(f'<button type="button" class="fluxq-preset" data-fluxq-size="{w}x{h}">{w}×{h}</button>'
                       for w, h in sizes)
-    return f'<div class="fluxq-presets"><span>{html.escape(label)}:</span>{buttons}</div>'
+    return (f'<div class="fluxq-presets"><span>{html.escape(label)}:</span>{buttons}'
+            '<span class="fluxq-size-status fluxq-small"></span></div>')
 
 
 def recommendation_html(advice: Any | None, plan: Plan) -> str:
@@ -217,16 +218,41 @@ def verdict_text(verdict: Any | None) -> str:
     return verdict.verdict
 
 
-def model_rows(inv: Inventory) -> list[list[str]]:
+def plan_ram(plan: Plan) -> int:
+    """Free RAM (bytes) the pairing plans with: it picks the T5 precision."""
+    return plan.hardware.ram_available or plan.hardware.ram_total or 0
+
+
+def _missing_text(report: Any, pairing: ModuleType | None, available: list[Any], ram: int) -> str:
+    """A Flux transformer's "missing parts": what neither the file nor a text-encoder / VAE file on disk provides
+    (the same pairing "Use this" and the load hook do), or which files it will be paired with."""
+    if pairing is None:   # no pairing in this install: what the file itself lacks
+        return ", ".join(p for p in report.missing_for_flux if p != "transformer") or "-"
+    try:
+        chosen = pairing.choose_pairing(pairing.describe_file(report.path), [], available, ram)
+    except (FluxqError, OSError) as exc:
+        return f"? ({exc})"
+    if chosen.missing:
+        return ", ".join(chosen.missing) + " (see Get a model)"
+    if chosen.added:
+        return "none: pairs with " + ", ".join(os.path.basename(path) for path in chosen.added.values())
+    return "none"
+
+
+def model_rows(inv: Inventory, module_files: list[str] | None = None, ram: int = 0) -> list[list[str]]:
+    """One table row per file. ``module_files``: the text-encoder / VAE files Forge can pair (host.module_files());
+    ``ram``: free RAM in bytes, which picks the T5 precision as "Use this" does."""
+    pairing = optional("lib_fluxq.pairing")
+    available = pairing.describe_files(module_files or []) if pairing is not None else []
     rows = []
     for r in inv.reports:
         name = os.path.basename(r.path)
         if r.status != "ok":
             rows.append([name, r.folder or "-", r.status, "-", _size(r.file_size), "-", "-", r.error or ""])
             continue
-        missing = ", ".join(r.missing_for_flux) if r.family in TRANSFORMER_FAMILIES else ""
+        missing = _missing_text(r, pairing, available, ram) if r.family in TRANSFORMER_FAMILIES else "-"
         rows.append([name, r.folder or "-", r.family, r.level or "-", _size(r.file_size),
-                     ", ".join(r.components) or "-", verdict_text(inv.verdicts.get(name)), missing or "-"])
+                     ", ".join(r.components) or "-", verdict_text(inv.verdicts.get(name)), missing])
     return rows
 
 
@@ -271,7 +297,7 @@ def use_plan(checkpoint: str, module_files: list[str], plan: Plan, advice: Any |
         raise FluxqError("choosing text encoders / VAE needs lib_fluxq.pairing, which is not available yet")
     contents = pairing.describe_file(checkpoint)
     available = pairing.describe_files(module_files)
-    ram = free_ram if free_ram is not None else (plan.hardware.ram_available or plan.hardware.ram_total or 0)
+    ram = free_ram if free_ram is not None else plan_ram(plan)
     chosen = pairing.choose_pairing(contents, [], available, ram)
     gpu_mb = None
     width, height = plan.width, plan.height

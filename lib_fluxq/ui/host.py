@@ -41,6 +41,10 @@ class StandaloneHost:
                     found += [os.path.join(root, n) for n in names if n.lower().endswith(MODULE_EXTENSIONS)]
         return sorted(found)
 
+    def applied_gpu_weights_mb(self, gpu_weights_mb: int | None) -> int | None:
+        """The GPU Weights (MB) ``apply`` sets in the host's own slider; None where there is none."""
+        return None
+
     def apply(self, checkpoint: str, modules: list[str], gpu_weights_mb: int | None) -> str:
         return ("Standalone app: nothing to switch here. In Forge's Flux Quant tab this button selects the checkpoint, "
                 "the text encoders / VAE and GPU Weights for you, and sets the txt2img size.")
@@ -68,29 +72,43 @@ class ForgeHost(StandaloneHost):
         # the model folders themselves (some may live outside models/ through --ckpt-dir, --vae-dir, ...)
         return sorted(set(self.folders().values()))
 
+    def applied_gpu_weights_mb(self, gpu_weights_mb: int | None) -> int | None:
+        if gpu_weights_mb is None:
+            return None
+        from modules_forge import main_entry
+        return max(0, min(int(gpu_weights_mb), int(main_entry.total_vram)))
+
     def apply(self, checkpoint: str, modules: list[str], gpu_weights_mb: int | None) -> str:
-        from modules import sd_models
+        from modules import sd_models, shared
         from modules_forge import main_entry
         main_entry.refresh_models()   # files downloaded since start become selectable
         info = sd_models.get_closet_checkpoint_match(os.path.basename(checkpoint))
         if info is None:
             return f"Forge does not list {os.path.basename(checkpoint)} as a checkpoint; press the refresh button " \
                    f"next to Checkpoint, or move the file into {self.folders()['Stable-diffusion']}"
-        main_entry.checkpoint_change(info.title, save=True, refresh=False)
+        # the value Forge's own Checkpoint dropdown holds (sd_models.checkpoint_tiles): a title with " [hash]" is
+        # not among its choices, and after a reload the dropdown would show nothing
+        value = info.short_title if shared.opts.sd_checkpoint_dropdown_use_short else info.name
+        main_entry.checkpoint_change(value, save=True, refresh=False)
         main_entry.modules_change([os.path.basename(m) for m in modules], save=True, refresh=False)
         main_entry.refresh_model_loading_parameters()
-        done = [f"checkpoint {info.title}", f"modules {', '.join(os.path.basename(m) for m in modules) or 'none'}"]
-        if gpu_weights_mb is not None:
-            megabytes = max(0, min(int(gpu_weights_mb), int(main_entry.total_vram)))
+        done = [f"checkpoint {value}", f"modules {', '.join(os.path.basename(m) for m in modules) or 'none'}"]
+        megabytes = self.applied_gpu_weights_mb(gpu_weights_mb)
+        if megabytes is not None:
             main_entry.refresh_memory_management_settings(model_memory=megabytes)
             done.append(f"GPU Weights {megabytes} MB")
-        return "Selected in Forge: " + "; ".join(done) + ". The model loads at the next Generate (the dropdowns at " \
-               "the top show it after a page reload)."
+        return ("Selected in Forge: " + "; ".join(done) + ". The model loads at the next Generate. Checkpoint and "
+                "VAE / Text Encoder at the top show it after a page reload; GPU Weights is set in its slider now, "
+                "but Forge puts that slider back to its start value whenever the page is reloaded (press Use this "
+                "again then).")
 
 
 class A1111Host(ForgeHost):
     name = "a1111"
     can_apply = False
+
+    def applied_gpu_weights_mb(self, gpu_weights_mb: int | None) -> int | None:
+        return None
 
     def apply(self, checkpoint: str, modules: list[str], gpu_weights_mb: int | None) -> str:
         return "AUTOMATIC1111 cannot run Flux; use Forge for Flux (the advisor, inspector and converter work here)."

@@ -74,7 +74,7 @@ def build_tab(host: StandaloneHost, runner: jobs.JobRunner | None = None) -> gr.
         if inventory is None:
             rows, note = [], handlers.not_available("The model inventory", "lib_fluxq.inspect")
         else:
-            rows = handlers.model_rows(inventory)
+            rows = handlers.model_rows(inventory, host.module_files(), handlers.plan_ram(state["plan"]))
             folders = ", ".join(host.scan_paths())
             note = (f'<div class="fluxq-small">{len(rows)} files in {folders}'
                     f'{"; " + inventory.note if inventory.note else ""}</div>')
@@ -148,6 +148,7 @@ def build_tab(host: StandaloneHost, runner: jobs.JobRunner | None = None) -> gr.
                 use_button = gr.Button("Use this", variant="primary", elem_id="fluxq_use", scale=1)
             use_result = gr.HTML(elem_id="fluxq_use_result")
             use_size = gr.Textbox(visible=False, elem_id="fluxq_use_size")
+            use_gpu = gr.Textbox(visible=False, elem_id="fluxq_use_gpu")
 
         with gr.Column(elem_classes=["fluxq-section"]):
             gr.Markdown("### Get a model")
@@ -203,22 +204,31 @@ def build_tab(host: StandaloneHost, runner: jobs.JobRunner | None = None) -> gr.
         reset_button.click(lambda: (gpu0, vram0, ram0), outputs=[gpu, vram, ram]).then(
             refresh, inputs=plan_inputs, outputs=plan_outputs)
 
-        def use_this(checkpoint: str | None, *plan_args: Any) -> tuple[str, str]:
+        # the status goes next to the size button "Use this" just rendered (all preset rows if not rendered yet)
+        # the size goes next to the size button "Use this" just rendered (all preset rows if not rendered yet); GPU
+        # Weights into Forge's own slider, when the page has one
+        use_size_js = ("(size, gpu) => { const app = typeof gradioApp === 'function' ? gradioApp() : document; "
+                       "fluxqSetSize(size, app.querySelector('#fluxq_use_result .fluxq-presets')); "
+                       "if (gpu) fluxqSetGpuWeights(gpu); return []; }")
+
+        def use_this(checkpoint: str | None, *plan_args: Any) -> tuple[str, str, str]:
             if not checkpoint:
-                return handlers.error_html(FluxqError("no Flux checkpoint found in your folders: get one below")), ""
+                error = FluxqError("no Flux checkpoint found in your folders: get one below")
+                return handlers.error_html(error), "", ""
             try:
                 state = compute(*plan_args)
                 chosen = handlers.use_plan(checkpoint, host.module_files(), state["plan"], state["advice"])
                 message = host.apply(chosen.checkpoint, chosen.modules, chosen.gpu_weights_mb)
             except FluxqError as exc:
-                return handlers.error_html(exc), ""
+                return handlers.error_html(exc), "", ""
             body = "<br>".join(html.escape(line) for line in chosen.message.splitlines())
+            gpu = host.applied_gpu_weights_mb(chosen.gpu_weights_mb)
             return (f'<div class="fluxq-note">{body}</div><div class="fluxq-note">{html.escape(message)}'
                     f'</div>{handlers.preset_buttons([(chosen.width, chosen.height)])}',
-                    f"{chosen.width}x{chosen.height}")
+                    f"{chosen.width}x{chosen.height}", "" if gpu is None else str(gpu))
 
-        use_button.click(use_this, inputs=[use_choice, *plan_inputs], outputs=[use_result, use_size]).then(
-            None, inputs=[use_size], outputs=None, **_js("(size) => { fluxqSetSize(size); return []; }"))
+        use_button.click(use_this, inputs=[use_choice, *plan_inputs], outputs=[use_result, use_size, use_gpu]).then(
+            None, inputs=[use_size, use_gpu], outputs=None, **_js(use_size_js))
 
         def start_download(key: str, secret: str) -> jobs.Job:
             return handlers.start_download(runner, key, host.folders(), secret)
