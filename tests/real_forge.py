@@ -68,7 +68,10 @@ def running_forge(data_dir: Path, start_timeout: int = 240) -> Iterator[tuple[su
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     args = [forge_python(), "launch.py", "--always-cpu", "--api", "--skip-prepare-environment", "--skip-install",
             "--skip-torch-cuda-test", "--skip-python-version-check", "--skip-version-check", "--do-not-download-clip",
-            "--data-dir", str(data_dir)]
+            "--data-dir", str(data_dir),
+            # gradio serves files only from allowed paths, which default to the data dir alone: without this, the
+            # page's own script.js / javascript/*.js (Forge's checkout) answer 403 and Generate does nothing
+            "--gradio-allowed-path", str(FORGE_DIR)]
     with open(log_path, "w") as log:
         forge = subprocess.Popen(args, cwd=FORGE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
