@@ -99,8 +99,8 @@ class ForgeHost(StandaloneHost):
             done.append(f"GPU Weights {megabytes} MB")
         return ("Selected in Forge: " + "; ".join(done) + ". The model loads at the next Generate. Checkpoint and "
                 "VAE / Text Encoder at the top show it after a page reload; GPU Weights is set in its slider now, "
-                "but Forge puts that slider back to its start value whenever the page is reloaded (press Use this "
-                "again then).")
+                "but a page reload can put Forge's slider back to the value the page was built with (check it, or "
+                "press Use this again).")
 
 
 class A1111Host(ForgeHost):
