@@ -126,7 +126,7 @@ def test_real_forge_tab_use_this_and_generate(tmp_path_factory: pytest.TempPathF
                     assert _field_values(page, "txt2img_height") == [height, height], status
 
                     # as the message says, Forge's Checkpoint and VAE / Text Encoder show the choice after a reload
-                    # (its GPU Weights slider goes back to its start value on every page load: Forge's doing)
+                    # (a reload can put its GPU Weights slider back to the value the page was built with: Forge's doing)
                     page.reload()
                     page.wait_for_selector("#txt2img_generate", timeout=120_000)
                     checkpoint_box = page.locator(".model_selection input").first
