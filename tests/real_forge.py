@@ -5,6 +5,7 @@ find tracebacks through our code in its console log, and build the random-weight
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -50,6 +51,22 @@ def our_tracebacks(log_text: str) -> list[str]:
     without an 'origin' remote is not ours)."""
     tracebacks = re.findall(r"Traceback \(most recent call last\):\n(?:[ \t].*\n)+", log_text)
     return [t for t in tracebacks if "lib_fluxq" in t or "fluxq_hooks" in t or "fluxq_refine" in t]
+
+
+def assert_clean_startup(startup: str) -> None:
+    """Forge's console up to "Startup time:" shows no error from loading or running our extension."""
+    assert not our_tracebacks(startup), our_tracebacks(startup)
+    assert not re.search(r"Error (loading|running|executing).*fluxq", startup), startup[-3000:]
+
+
+def model_loads(log_text: str) -> list[tuple[str, list[str]]]:
+    """(checkpoint file name, additional module file names) of every "Loading Model:" line Forge printed
+    (forge_model_reload)."""
+    loads = []
+    for match in re.finditer(r"^Loading Model: \{'checkpoint_info': \{'filename': '([^']*)'.*?'additional_modules': "
+                             r"(\[[^\]]*\])", log_text, flags=re.M):
+        loads.append((Path(match.group(1)).name, [Path(m).name for m in ast.literal_eval(match.group(2))]))
+    return loads
 
 
 @contextmanager

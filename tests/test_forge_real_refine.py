@@ -29,7 +29,6 @@ FLUXQ_FORGE_FLUX_REFINE_DATA name data dirs to keep them in for the next run.
 
 from __future__ import annotations
 
-import ast
 import base64
 import io
 import json
@@ -47,9 +46,11 @@ from tests.real_forge import (
     SD15_FIRST,
     SD15_REFINE,
     api,
+    assert_clean_startup,
     build_flux_models,
     build_sd15_models,
     model_data_dir,
+    model_loads,
     our_tracebacks,
     peak_rss,
     requires_forge,
@@ -58,15 +59,6 @@ from tests.real_forge import (
 
 pytestmark = requires_forge
 WIDTH, HEIGHT, SCALE = 64, 72, 1.5  # 72 x 1.5 = 108 → 112: the rounding to multiples of 8 is exercised too
-
-
-def _model_loads(log_text: str) -> list[tuple[str, list[str]]]:
-    """(checkpoint file name, additional modules) of every "Loading Model:" line Forge printed (forge_model_reload)."""
-    loads = []
-    for match in re.finditer(r"^Loading Model: \{'checkpoint_info': \{'filename': '([^']*)'.*?'additional_modules': "
-                             r"(\[[^\]]*\])", log_text, flags=re.M):
-        loads.append((Path(match.group(1)).name, [Path(m).name for m in ast.literal_eval(match.group(2))]))
-    return loads
 
 
 def _decode(encoded: str) -> Image.Image:
@@ -97,9 +89,7 @@ def test_real_forge_refine_switches_once_and_restores(tmp_path_factory: pytest.T
         files = build_sd15_models(data_dir)
         build_s = time.time() - started
         with running_forge(data_dir) as (forge, log_path):
-            startup = log_path.read_text()
-            assert not our_tracebacks(startup), our_tracebacks(startup)
-            assert not re.search(r"Error (loading|running|executing).*fluxq", startup), startup[-3000:]
+            assert_clean_startup(log_path.read_text())
             modules = api("/sdapi/v1/sd-modules")
             user_vae = next(m["filename"] for m in modules if Path(m["filename"]).name == files["vae"].name)
             # the user's selection: first-pass checkpoint plus a VAE module (as a Flux user has ae/clip_l/t5 selected)
@@ -122,7 +112,7 @@ def test_real_forge_refine_switches_once_and_restores(tmp_path_factory: pytest.T
                   "job2_1_batch_s": round(second_s, 1), "baseline_rss_gb": round(rss["baseline"] / GB, 2),
                   "peak_rss_gb_job1": round(rss["peak"] / GB, 2), "peak_rss_gb_job2": round(rss2["peak"] / GB, 2),
                   "checkpoint_gb": round(files["first"].stat().st_size / GB, 2),
-                  "loads_job1": _model_loads(log_job1), "loads_job2": _model_loads(log_job2),
+                  "loads_job1": model_loads(log_job1), "loads_job2": model_loads(log_job2),
                   "pixel_range_job1": [_decode(e).getextrema() for e in first["images"]],
                   "refine_log": re.findall(r"^\[fluxq refine\].*$", log_text, flags=re.M)}
         print("REAL FORGE REFINE:", json.dumps(report, indent=1, ensure_ascii=False))
@@ -137,7 +127,7 @@ def test_real_forge_refine_switches_once_and_restores(tmp_path_factory: pytest.T
         # each job: the user's checkpoint with its module for the first pass, then ONE switch to the refine
         # checkpoint with no additional modules, however many batches
         for log_job in (log_job1, log_job2):
-            assert _model_loads(log_job) == [(SD15_FIRST, [files["vae"].name]), (SD15_REFINE, [])], log_job[-3000:]
+            assert model_loads(log_job) == [(SD15_FIRST, [files["vae"].name]), (SD15_REFINE, [])], log_job[-3000:]
         assert len(re.findall(r"^\[fluxq refine\] image \d+/2: 64x72 → 96x112", log_job1, flags=re.M)) == 2
         # the user's selection is back after the job (and the second job's first pass loaded it again, above)
         for key in ("sd_model_checkpoint", "forge_additional_modules"):
@@ -160,9 +150,7 @@ def test_real_forge_flux_then_sd15_refine(tmp_path_factory: pytest.TempPathFacto
         sd15 = build_sd15_models(data_dir)
         build_s = time.time() - started
         with running_forge(data_dir) as (forge, log_path):
-            startup = log_path.read_text()
-            assert not our_tracebacks(startup), our_tracebacks(startup)
-            assert not re.search(r"Error (loading|running|executing).*fluxq", startup), startup[-3000:]
+            assert_clean_startup(log_path.read_text())
             by_name = {Path(m["filename"]).name: m["filename"] for m in api("/sdapi/v1/sd-modules")}
             user_modules = [by_name[flux[part].name] for part in ("clip", "t5", "ae")]
             # the user's selection: the Flux GGUF with its clip_l / t5xxl / ae modules, as the Flux UI preset has it
@@ -187,7 +175,7 @@ def test_real_forge_flux_then_sd15_refine(tmp_path_factory: pytest.TempPathFacto
             after = api("/sdapi/v1/options")
             log_job = log_path.read_text()[log_offset:]
 
-        loads = _model_loads(log_job)
+        loads = model_loads(log_job)
         report = {"build_models_s": round(build_s, 1), "job_s": round(job_s, 1),
                   "model_load_times": re.findall(r"^Model loaded in .*$", log_job, flags=re.M),
                   "baseline_rss_gb": round(rss["baseline"] / GB, 2), "peak_rss_gb": round(rss["peak"] / GB, 2),
