@@ -316,7 +316,7 @@ def test_models_folder_unlistable(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     # Root ignores permission bits, so simulate the OS refusing to list the folder.
     def refuse(path: str) -> list[str]:
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(advisor.os, "listdir", refuse)
+    monkeypatch.setattr(os, "listdir", refuse)
     with pytest.raises(FluxqError, match="cannot list"):
         advisor.scan_models(str(tmp_path))
 
@@ -349,7 +349,7 @@ def test_gpu_weights_for_a_file_follow_its_level(tmp_path: Path, monkeypatch: py
     class Loaded:  # what Forge's loaded model exposes
         sd_checkpoint_info = type("Info", (), {"filename": str(path)})()
 
-    monkeypatch.setattr(advisor, "detect", lambda *_: hardware)
+    monkeypatch.setattr(advisor.plan, "detect", lambda *_: hardware)
     assert advisor.gpu_weights_mb_for_loaded_model(Loaded()) == planned.gpu_weights_mb.value
     assert advisor.gpu_weights_mb_for_loaded_model(object()) is None
     assert advisor.gpu_weights_mb_for_file(str(path), card(24, backend="cpu")) is None
