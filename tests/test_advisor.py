@@ -368,3 +368,48 @@ def test_card_independent_vram_need_is_the_planners_need(level: str) -> None:
     assert advisor.transformer_vram_gb(level, weights, 512, 768) < need
     with pytest.raises(FluxqError, match="unknown weight level 'Q9'"):
         advisor.transformer_vram_gb("Q9", weights)
+
+
+# ------------------------------------------------------------------------------------ issue 17: advise's bad input
+def test_unknown_gpu_without_vram_asks_for_vram() -> None:
+    """An unknown card name alone cannot be planned for: one error line asking for --vram, no plan, no header."""
+    result = run_cli("--gpu", "RTX 9999")
+    assert result.returncode == 1, result.stdout
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --gpu 'RTX 9999' is not a card") and "--vram" in lines[0]
+    planned = run_cli("--gpu", "RTX 9999", "--vram", "10", "--ram", "32", "--json")
+    assert planned.returncode == 0, planned.stderr
+    data = json.loads(planned.stdout)
+    assert data["vram_gb"] == 10 and data["recommended"]["value"] in LEVELS and data["profile_assumed"]
+
+
+def test_planner_for_an_unknown_card_without_vram_says_so() -> None:
+    """The tab passes overrides straight to the Planner: an unknown name without VRAM is a reason, not a CPU plan."""
+    cpu = Hardware(backend="cpu", ram_total=32 * GIB, cpu_cores=4)
+    result = advise(with_overrides(cpu, gpu_name="RTX 9999"))
+    assert result.recommended.value is None and not result.cpu_only
+    assert "'RTX 9999' is not a card the advisor knows" in result.recommended.reason
+    assert "VRAM" in result.recommended.reason and "CPU" not in result.summary
+
+
+def test_models_folder_lists_broken_files_last(tmp_path: Path) -> None:
+    """advise --models: a truncated download and an empty file are listed as unreadable, with the inspector's
+    reason, after every readable file (they no longer vanish from the ranking)."""
+    import gguf
+
+    from tests.fixtures import random_flux_state_dict, recipe_qtype, write_gguf
+    good = tmp_path / "b-flux-Q4_0.gguf"
+    write_gguf(good, random_flux_state_dict(), recipe_qtype(gguf.GGMLQuantizationType.Q4_0))
+    (tmp_path / "a-truncated-Q8_0.gguf").write_bytes(good.read_bytes()[:2000])
+    (tmp_path / "c-empty.safetensors").write_bytes(b"")
+    result = run_cli("--models", str(tmp_path), "--vram", "12", "--ram", "32", "--json")
+    assert result.returncode == 0, result.stderr
+    files = json.loads(result.stdout)["files"]
+    assert [f["name"] for f in files][-2:] == ["a-truncated-Q8_0.gguf", "c-empty.safetensors"]
+    assert files[0]["name"] == "b-flux-Q4_0.gguf" and files[0]["verdict"] != "unreadable"
+    for broken in files[-2:]:
+        assert broken["verdict"] == "unreadable" and broken["reason"], broken
+    text = run_cli("--models", str(tmp_path), "--vram", "12", "--ram", "32").stdout
+    listed = [line for line in text.splitlines() if "a-truncated-Q8_0.gguf" in line]
+    assert len(listed) == 1 and listed[0].lstrip().startswith("unreadable")

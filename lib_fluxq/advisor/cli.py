@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 
+from lib_fluxq.advisor.gpus import GPU_PROFILES, find_gpu_profile
 from lib_fluxq.advisor.plan import advise, scan_models
 from lib_fluxq.advisor.render import render_json, render_text
 from lib_fluxq.errors import FluxqError
@@ -44,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
         raise FluxqError(f"{models_dir}: no such folder (give the folder holding your .gguf/.safetensors files)")
     if args.steps is not None and not 1 <= args.steps <= 1000:
         raise FluxqError(f"--steps {args.steps} is not plausible (use 1..1000)")
+    if args.gpu is not None and args.gpu.strip() and args.vram is None and find_gpu_profile(args.gpu) is None:
+        known = ", ".join(p.name for p in GPU_PROFILES if p.name != "Apple M-series (generic)")
+        raise FluxqError(f"--gpu '{args.gpu.strip()}' is not a card the advisor knows, so its VRAM is unknown: add "
+                         f"--vram GB (e.g. --vram 12), or name one of: {known}")
     hardware = with_overrides(detect(models_dir), vram_gb=args.vram, ram_gb=args.ram, gpu_name=args.gpu)
     files = scan_models(models_dir) if models_dir is not None else None
     width, height = args.size

@@ -87,7 +87,7 @@ class FileVerdict:
     family: str
     level: str | None
     size_gb: float
-    verdict: str              # "fits" | "offloads" | "won't fit" | "component" | "skipped"
+    verdict: str              # "fits" | "offloads" | "won't fit" | "component" | "skipped" | "unreadable"
     step_s: float | None
     reason: str
 
@@ -164,6 +164,11 @@ class Planner:
             profile = profile_for_vram(hardware.vram_total)
             self.profile_assumed = True
         self.profile = profile
+        # A card named for planning (not detected) whose VRAM the table does not know: nothing to plan with.
+        self.unknown_card = None
+        if hardware.backend != "cpu" and not hardware.vram_total and hardware.gpu_name:
+            self.unknown_card = (f"'{hardware.gpu_name}' is not a card the advisor knows, so its VRAM is unknown: "
+                                 "give the card's VRAM (GB) to plan for it")
         self._weights: dict[str, int] = {name: transformer_bytes(lv, self.config) for name, lv in LEVELS.items()}
 
     # -- budget ---------------------------------------------------------------------------------------------
@@ -332,6 +337,8 @@ class Planner:
     def advise(self, files: Iterable[ModelFile | Sequence[Any]] | None = None) -> Advice:
         hw = self.hardware
         warnings: list[str] = []
+        if self.unknown_card:
+            return self._no_plan_advice(self.unknown_card, {}, files, cpu_only=False)
         if not hw.has_gpu:
             return self._cpu_only_advice(files)
         estimates = {name: self.estimate(lv) for name, lv in LEVELS.items()}
@@ -620,6 +627,8 @@ class Planner:
     def _judge(self, item: ModelFile, width: int, height: int) -> tuple[FileVerdict, tuple[Any, ...]]:
         size_gb = round(item.size_bytes / GB, 2)
         family = (item.family or "unknown").lower()
+        if item.error is not None:
+            return (FileVerdict(item.name, family, None, size_gb, "unreadable", None, item.error), (5, item.name))
         if family in ("t5xxl", "clip_l", "flux-ae", "vae"):
             return (FileVerdict(item.name, family, item.level, size_gb, "component", None,
                                 "text encoder / VAE: see text_encoder for where it goes"), (3, item.name))
@@ -661,15 +670,22 @@ class ModelFile:
     level: str | None
     size_bytes: int
     family: str
+    error: str | None = None          # why the inspector could not read it (the file is then listed last, unreadable)
 
 
 def files_from_reports(reports: Iterable[Any]) -> list[ModelFile]:
-    """Adapter from ``lib_fluxq.inspect`` FileReports (path, status, level, file_size, family)."""
+    """Adapter from ``lib_fluxq.inspect`` FileReports (path, status, error, level, file_size, family).
+
+    Files the inspector could not read are kept, with its reason, so a truncated download is listed as unreadable
+    instead of vanishing from the ranking."""
     files = []
     for report in reports:
+        name = os.path.basename(report.path)
         if getattr(report, "status", "ok") != "ok":
+            reason = getattr(report, "error", None) or getattr(report, "status", "unreadable")
+            files.append(ModelFile(name, None, int(getattr(report, "file_size", 0) or 0), "unreadable", reason))
             continue
-        files.append(ModelFile(os.path.basename(report.path), report.level, int(report.file_size), report.family))
+        files.append(ModelFile(name, report.level, int(report.file_size), report.family))
     return files
 
 
