@@ -413,3 +413,55 @@ def test_models_folder_lists_broken_files_last(tmp_path: Path) -> None:
     text = run_cli("--models", str(tmp_path), "--vram", "12", "--ram", "32").stdout
     listed = [line for line in text.splitlines() if "a-truncated-Q8_0.gguf" in line]
     assert len(listed) == 1 and listed[0].lstrip().startswith("unreadable")
+
+
+# ------------------------------------------------------------------- issue 16 item 9: RAM as the user will see it
+# Real-WebUI measurements (issue 16 / NEO_NOTES §2): peak RSS (GB) for the four files (GB) they loaded.
+MEASURED_RAM_PEAKS = {("forge", "host", "baked"): (17.0, 9.55), ("forge", "host", "mapped"): (21.3, 11.8),
+                      ("forge", "fluxq", "mapped"): (14.8, 11.8), ("neo", "host", "baked"): (18.2, 9.55),
+                      ("neo", "host", "mapped"): (16.7, 11.8)}
+
+
+@pytest.mark.parametrize("key", sorted(MEASURED_RAM_PEAKS))
+def test_ram_peak_factors_are_the_measured_ones(key: tuple[str, str, str]) -> None:
+    peak_gb, files_gb = MEASURED_RAM_PEAKS[key]
+    row = advisor.RAM_PEAKS[key]
+    assert row.measured and row.factor == pytest.approx(peak_gb / files_gb, rel=0.02), (key, row)
+    assert f"{peak_gb:.1f} GB" in row.source
+
+
+def test_ram_peak_follows_host_loader_and_type() -> None:
+    hardware = card(12, "RTX 3060", ram_gb=32)
+    fluxq, alone = Planner(hardware), Planner(hardware, fluxq_loading=False)
+    neo = Planner(hardware, host="neo", fluxq_loading=False)
+    files = 12 * 10 ** 9
+    q5, q4 = LEVELS["Q5_1"], LEVELS["Q4_0"]
+    assert fluxq.load_peak_bytes(q5, files) < alone.load_peak_bytes(q5, files)   # memory-mapped, not copied
+    assert fluxq.load_peak_bytes(q4, files) < alone.load_peak_bytes(q4, files)   # no double residency at bake
+    assert neo.load_peak_bytes(q5, files) < alone.load_peak_bytes(q5, files)     # Neo maps GGUFs itself
+    assert fluxq.ram_peak(q4) is advisor.RAM_PEAKS[("forge", "fluxq", "baked")]
+    assert fluxq.ram_peak(q5) is advisor.RAM_PEAKS[("forge", "fluxq", "mapped")]
+    assert fluxq.ram_peak(LEVELS["NF4"]) is advisor.SAFETENSORS_RAM_PEAK
+    with pytest.raises(FluxqError, match="unknown host"):
+        Planner(hardware, host="comfy")
+
+
+def test_ram_warning_is_what_fluxq_users_see() -> None:
+    """The old warning ("peaks at ~33 GB of RAM (2.63x, measured)") assumed Forge's own loading even with fluxq
+    installed. With fluxq a 32 GB machine loads the 24 GB plan's files without a warning; the host alone would not."""
+    with_fluxq = advise(card(24, "RTX 4090", ram_gb=32))
+    assert not any("RAM" in w for w in with_fluxq.warnings), with_fluxq.warnings
+    assert "2.63" not in json.dumps(with_fluxq.to_dict())
+    numbers = with_fluxq.text_encoder.numbers
+    assert numbers["ram_load_peak_gb"] <= 32
+    alone = advise(card(24, "RTX 4090", ram_gb=32), fluxq_loading=False)
+    assert alone.text_encoder.numbers["ram_load_peak_gb"] > numbers["ram_load_peak_gb"]
+    tight = advise(card(12, "RTX 3060", ram_gb=16), fluxq_loading=False)
+    warning = next(w for w in tight.warnings if "peaks at" in w)
+    assert "Forge without fluxq" in warning and ("1.81x" in warning or "1.78x" in warning), warning
+
+
+def test_text_encoder_precision_keeps_the_load_within_ram() -> None:
+    result = advise(card(12, "RTX 3060", ram_gb=16))
+    assert result.text_encoder.value["t5"] != "fp16"
+    assert "while loading" in result.text_encoder.reason

@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 
+from lib_fluxq.advisor.calibration import HOSTS
 from lib_fluxq.advisor.gpus import GPU_PROFILES, find_gpu_profile
 from lib_fluxq.advisor.plan import advise, scan_models
 from lib_fluxq.advisor.render import render_json, render_text
@@ -36,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="target image size (default 1024x1024)")
     parser.add_argument("--model", choices=("dev", "schnell"), default="dev", help="Flux variant (default dev)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps for time per image")
+    parser.add_argument("--host", choices=HOSTS, default="forge", help="WebUI the RAM figures are for (default forge)")
     parser.add_argument("--json", action="store_true", help="print the advice as JSON")
 
 
@@ -52,6 +54,6 @@ def run(args: argparse.Namespace) -> int:
     hardware = with_overrides(detect(models_dir), vram_gb=args.vram, ram_gb=args.ram, gpu_name=args.gpu)
     files = scan_models(models_dir) if models_dir is not None else None
     width, height = args.size
-    advice = advise(hardware, width, height, model=args.model, files=files, steps=args.steps)
+    advice = advise(hardware, width, height, model=args.model, files=files, steps=args.steps, host=args.host)
     print(render_json(advice) if args.json else render_text(advice))
     return 0

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from lib_fluxq.advisor.calibration import (
+    BAKED_GGUF_TYPES,
     CLIP_L_BYTES,
     CONTEXT_BYTES,
     CPU_FP8_CAST_GBPS,
@@ -18,11 +19,11 @@ from lib_fluxq.advisor.calibration import (
     DESKTOP_ALLOWANCE,
     DESKTOP_BYTES,
     DISK_GBPS,
-    FORGE_LOAD_PEAK_FACTOR,
     FORGE_SWAP_FACTOR,
     FORGE_SWAP_MARGIN,
     GB,
     HEADROOM,
+    HOSTS,
     MATMUL_EFFICIENCY,
     MAX_OFFLOAD_SHARE,
     MIB,
@@ -30,12 +31,15 @@ from lib_fluxq.advisor.calibration import (
     PINNED_PCIE_EFFICIENCY,
     RAM_BASE_BYTES,
     RAM_COMFORT,
+    RAM_PEAKS,
     RESOLUTION_PRESETS,
+    SAFETENSORS_RAM_PEAK,
     SLOW_STEP_SECONDS,
     SMALL_CARD_BYTES,
     TEXT_TOKENS,
     VAE_DECODE_FLOPS_PER_PIXEL,
     VAE_WEIGHT_BYTES,
+    RamPeak,
 )
 from lib_fluxq.advisor.gpus import _PROFILES_BY_NAME, find_gpu_profile, profile_for_vram
 from lib_fluxq.advisor.model import (
@@ -141,13 +145,17 @@ class Planner:
     """Estimates for one machine (``Hardware``) and one Flux variant; ``advise()`` picks, ``rank_files()`` judges."""
 
     def __init__(self, hardware: Hardware, width: int = 1024, height: int = 1024, batch: int = 1,
-                 model: str = "dev", steps: int | None = None) -> None:
+                 model: str = "dev", steps: int | None = None, host: str = "forge", fluxq_loading: bool = True) -> None:
         if width % 16 or height % 16 or not (256 <= width <= 4096 and 256 <= height <= 4096):
             raise FluxqError(f"size {width}x{height} is not a Flux size: use multiples of 16 between 256 and 4096")
         if model not in ("dev", "schnell"):
             raise FluxqError(f"unknown Flux variant '{model}': use dev or schnell")
+        if host not in HOSTS:
+            raise FluxqError(f"unknown host '{host}': use one of {', '.join(HOSTS)}")
         hardware = replace(hardware, sources=dict(hardware.sources), notes=list(hardware.notes))
         self.hardware = hardware
+        # RAM figures are what the user sees in this host with fluxq's loading active (or with the host alone)
+        self.host, self.fluxq_loading = host, fluxq_loading
         self.width, self.height, self.batch = width, height, batch
         self.model = model
         self.config = FLUX_DEV if model == "dev" else FLUX_SCHNELL
@@ -230,6 +238,17 @@ class Planner:
         if level.name == "FP8" and backend == "mps":
             return "MPS has no float8 storage"
         return None
+
+    def ram_peak(self, level: WeightLevel) -> RamPeak:
+        """The measured load-peak factor for ``level``'s file in this host (RAM_PEAKS, calibration.py)."""
+        if level.kind != "gguf":
+            return SAFETENSORS_RAM_PEAK
+        storage = "baked" if level.name in BAKED_GGUF_TYPES else "mapped"
+        return RAM_PEAKS[(self.host, "fluxq" if self.fluxq_loading else "host", storage)]
+
+    def load_peak_bytes(self, level: WeightLevel, files_bytes: int) -> int:
+        """Peak RAM while the WebUI loads ``files_bytes`` of model files (transformer + text encoders + VAE)."""
+        return int(self.ram_peak(level).factor * files_bytes) + RAM_BASE_BYTES
 
     def ram_steady(self, offloaded: int, t5: str = "fp16") -> int:
         return offloaded + t5_bytes(t5) + CLIP_L_BYTES + VAE_WEIGHT_BYTES + RAM_BASE_BYTES
@@ -382,7 +401,7 @@ class Planner:
         vae = self._vae(est, width, height)
         refine = Choice(bool(small or slow), self._refine_reason(small, slow, est),
                         {"render": [width, height], "final": [width * 2, height * 2]} if (small or slow) else {})
-        self._general_warnings(level, est, warnings)
+        self._general_warnings(level, est, warnings, text_encoder.value["t5"])
         summary = (f"{level.name} at {width}x{height}, GPU Weights {gpu_weights.value} MB, "
                    f"T5 {text_encoder.value['t5']} in {text_encoder.value['placement']}"
                    + (", then refine" if refine.value else ""))
@@ -488,8 +507,13 @@ class Planner:
         ram_total = self.hardware.ram_total or 0
         offloaded = int(est.offloaded_gb * GIB)
         chosen = T5_OPTIONS[-1][0]
-        for option, _bits in T5_OPTIONS:
-            if ram_total == 0 or self.ram_steady(offloaded, option) <= ram_total * RAM_COMFORT:
+
+        def load_peak(option: str) -> int:
+            return self.load_peak_bytes(level, self.weights(level) + t5_bytes(option) + CLIP_L_BYTES + VAE_WEIGHT_BYTES)
+
+        for option, _bits in T5_OPTIONS:   # best first: the first that fits in use and while loading
+            if ram_total == 0 or (self.ram_steady(offloaded, option) <= ram_total * RAM_COMFORT
+                                  and load_peak(option) <= ram_total):
                 chosen = option
                 break
         t5 = t5_bytes(chosen)
@@ -500,10 +524,13 @@ class Planner:
         numbers = {"t5_gb": round(t5 / GB, 2), "clip_l_gb": round(CLIP_L_BYTES / GB, 2),
                    "ram_steady_gb": _gb(self.ram_steady(offloaded, chosen)),
                    "ram_total_gb": _gb(ram_total) if ram_total else None, "vram_with_t5_gb": _gb(beside),
+                   "ram_load_peak_gb": _gb(self.load_peak_bytes(level, self.weights(level) + t5 + CLIP_L_BYTES
+                                                                + VAE_WEIGHT_BYTES)),
                    "prompt_swap_s": swap_s}
         precision = ("fp16: RAM has room for the full-precision encoder" if chosen == "fp16" else
                      f"{chosen}: fp16 T5 ({t5_bytes('fp16') / GB:.1f} GB) would push RAM past "
-                     f"{RAM_COMFORT:.0%} of {_gb(ram_total)} GB")
+                     f"{RAM_COMFORT:.0%} of {_gb(ram_total)} GB in use or past all of it while loading (peak "
+                     f"~{_gb(load_peak('fp16'))} GB)")
         where = ("stays on the GPU beside the transformer" if on_gpu else
                  f"kept in RAM; Forge moves it to the GPU for each new prompt (~{swap_s} s)")
         if ram_total and self.ram_steady(offloaded, chosen) > ram_total:
@@ -530,23 +557,30 @@ class Planner:
             return f"~{est.step_s} s/it at full size: a small Flux render + SD upscale is faster"
         return "the card renders full size directly; refine only if you want more than ~1 MP"
 
-    def _general_warnings(self, level: WeightLevel, est: LevelEstimate, warnings: list[str]) -> None:
+    def _general_warnings(self, level: WeightLevel, est: LevelEstimate, warnings: list[str], t5: str) -> None:
         hw = self.hardware
-        if not level.lora_patch:
+        if not level.lora_patch and not (self.fluxq_loading and level.kind == "gguf"):  # fluxq re-quantizes GGUF
             warnings.append(f"LoRA: Forge's default mode cannot re-quantize {level.name}; pick "
                             f"'Diffusion in Low Bits' = 'Automatic (fp16 LoRA)' or use Q8_0/Q5_0/Q4_0/NF4")
         file_bytes = self.weights(level)
-        if hw.ram_total and FORGE_LOAD_PEAK_FACTOR * file_bytes + RAM_BASE_BYTES > hw.ram_total:
-            warnings.append(f"loading a {file_bytes / GB:.1f} GB file in Forge peaks at "
-                            f"~{FORGE_LOAD_PEAK_FACTOR * file_bytes / GB:.0f} GB of RAM (2.63x, measured): the first "
-                            "load will use the page file")
+        files = file_bytes + t5_bytes(t5) + CLIP_L_BYTES + VAE_WEIGHT_BYTES
+        peak = self.ram_peak(level)
+        if hw.ram_total and self.load_peak_bytes(level, files) > hw.ram_total:
+            how = "measured" if peak.measured else "target, not yet measured"
+            with_what = "with fluxq" if self.fluxq_loading else "without fluxq"
+            # memory-mapped files are paged back in from disk; copies (baked types, safetensors) go to the page file
+            effect = ("parts of the files will be re-read from disk (a slow first image)"
+                      if level.kind == "gguf" and self.fluxq_loading else "the first load will use the page file")
+            warnings.append(f"loading these files ({files / GB:.1f} GB) in {self.host.capitalize()} {with_what} "
+                            f"peaks at ~{self.load_peak_bytes(level, files) / GB:.0f} GB of RAM ({peak.factor:g}x "
+                            f"the files, {how}), more than the {_gb(hw.ram_total)} GB here: {effect}")
         if hw.disk_free is not None and hw.disk_free < file_bytes:
             warnings.append(f"only {_gb(hw.disk_free)} GB free in {hw.disk_path}; the {level.name} file needs "
                             f"{file_bytes / GB:.1f} GB")
         if hw.backend == "rocm":
             warnings.append("ROCm: GGUF works; NF4 needs a ROCm build of bitsandbytes that Forge does not install")
         if self.profile_assumed and self.profile is not None:
-            which = f"'{hw.gpu_name}' is not in the speed table" if hw.gpu_name else "no card name given (--gpu)"
+            which = f"'{hw.gpu_name}' is not in the speed table" if hw.gpu_name else "no card name given"
             warnings.append(f"{which}; speeds assume a {self.profile.name}-class card")
 
     # -- special cases ---------------------------------------------------------------------------------------
@@ -707,8 +741,10 @@ def scan_models(models_dir: str) -> list[ModelFile]:
 
 
 def advise(hardware: Hardware, width: int = 1024, height: int = 1024, model: str = "dev",
-           files: Iterable[ModelFile | Sequence[Any]] | None = None, steps: int | None = None) -> Advice:
-    return Planner(hardware, width, height, model=model, steps=steps).advise(files)
+           files: Iterable[ModelFile | Sequence[Any]] | None = None, steps: int | None = None, host: str = "forge",
+           fluxq_loading: bool = True) -> Advice:
+    return Planner(hardware, width, height, model=model, steps=steps, host=host,
+                   fluxq_loading=fluxq_loading).advise(files)
 
 
 def transformer_vram_gb(level: str, model_bytes: float, width: int = 1024, height: int = 1024) -> float:
