@@ -7,7 +7,8 @@ What it does on each load (each part has its own setting in Settings -> fluxq, a
 - SD1.5/SDXL/SD3 checkpoint: leaves out selected Flux-only modules (Flux VAE, T5, lone CLIP-L) that break it.
 - GGUF: tensors stay memory-mapped (Forge copies the whole file into RAM, then copies it again into the model).
 - GGUF IQ4_NL / IQ4_XS: registered in backend.operations_gguf.quants_mapping, dequantized by lib_fluxq.
-- GGUF + LoRA: re-quantization for every type (Forge does only Q4_0/Q5_0/Q8_0).
+- GGUF forward: every type dequantized by lib_fluxq (exact, no bake copy; lib_fluxq/host/forge_gguf.py).
+- GGUF + LoRA: re-quantization for every type (Forge does only Q4_0/Q5_0/Q8_0), one console line per refresh.
 
 Every name is wrapped at every module that bound it at import time (FORGE_NOTES §4). Installing twice is a no-op.
 Any exception raised by fluxq's own code falls through to Forge's original behaviour with one console line.
@@ -46,6 +47,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Leave out selected Flux-only VAE / text encoders when loading SD1.5 / SDXL / SD3 (and SD VAEs for Flux)"),
     Setting("fluxq_gguf_mmap", True, "GGUF: keep tensors memory-mapped instead of copying the file into RAM"),
     Setting("fluxq_gguf_iq4", True, "GGUF: load IQ4_NL / IQ4_XS files (needs a restart to change)"),
+    Setting("fluxq_gguf_forward", True, "GGUF: dequantize every type with fluxq (exact; no second copy of Q4_0 / "
+                                        "Q4_1 / Q8_0 / Q4_K in RAM); applies at the next model load"),
     Setting("fluxq_lora_requant", True, "GGUF + LoRA: re-quantize every type (Q2_K..Q6_K, Q4_1, Q5_1, IQ4), "
                                         "not only Q4_0/Q5_0/Q8_0"),
     Setting("fluxq_apply_gpu_weights", False, "Flux: set 'GPU Weights' to the advisor's value when a Flux model loads"),
@@ -360,14 +363,8 @@ def _install_gguf_extras() -> None:
         _patch_attr(parameter_cls, "__new__", staticmethod(sharing_new))
 
     from lib_fluxq.host import forge_gguf
-    if setting("fluxq_gguf_iq4"):
-        for qtype, quant_cls in forge_gguf.extra_quant_classes().items():
-            if qtype not in operations_gguf.quants_mapping:
-                _patch_item(operations_gguf.quants_mapping, qtype, quant_cls)
-    for quant_cls in list(operations_gguf.quants_mapping.values()):
-        replacement = forge_gguf.requantizing_method(quant_cls)
-        if replacement is not None:
-            _patch_attr(quant_cls, "quantize_pytorch", replacement)
+    forge_gguf.install(operations_gguf, operations_gguf.quants_mapping, _patch_attr, _patch_item,
+                       add_missing=setting("fluxq_gguf_iq4"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
