@@ -123,3 +123,27 @@ def test_forge_layers_are_scoped_and_uninstall_restores(forge: dict[str, Any]) -
     hook.uninstall()
     assert linear.__dict__["forward"] is original
     assert forge["backend.operations_gguf"].quants_mapping == mapping
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_K, T.IQ4_NL], ids=lambda q: q.name)
+def test_neo_parameters_take_the_same_path(tmp_path: Path, qtype: T) -> None:
+    """Neo's ParameterGGUF (keyword constructor, no copy, QUANTS_MAPPING keyed by its own vendored gguf enum) gets
+    fluxq's class from the table, keeps its mapped bytes at bake and is served exactly."""
+    from tests import neo_standin
+
+    reference = _file(tmp_path / "w.gguf", qtype)
+    m = neo_standin.install(tmp_path / "models")
+    try:
+        hook.register_callbacks()
+        state_dict = m["backend.utils"].load_torch_file(str(tmp_path / "w.gguf"))
+        param = state_dict["layer.weight"]
+        assert issubclass(param.gguf_cls, forge_gguf.FluxqQuant)
+        param.computation_dtype = torch.float16
+        before = param.data.data_ptr()
+        param.gguf_cls.bake(param)
+        assert param.data.data_ptr() == before
+        got = m["backend.operations_gguf"].dequantize_tensor(param)
+        assert torch.equal(got, torch.from_numpy(reference).half())
+    finally:
+        hook.uninstall()
+        neo_standin.remove()

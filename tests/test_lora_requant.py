@@ -118,7 +118,7 @@ def test_forge_lora_path_requantizes_every_type(forge: dict[str, Any], tmp_path:
     if forge_knows and not forge_can:
         model, _ = _gguf_model(tmp_path / "before.gguf", qtype, forge)
         with pytest.raises(NotImplementedError, match="Low bit LoRA"):       # Forge alone
-            forge["backend.patcher.lora"].refresh(model, {"layer.weight": delta})
+            forge["backend.patcher.lora"].LoraLoader(model).refresh({"layer.weight": delta})
     forge["modules.shared"].opts.data["fluxq_gguf_forward"] = forward
     hook.register_callbacks()
     model, base = _gguf_model(tmp_path / "after.gguf", qtype, forge)
@@ -127,7 +127,7 @@ def test_forge_lora_path_requantizes_every_type(forge: dict[str, Any], tmp_path:
     assert isinstance(weight.gguf_cls, type) and (weight.gguf_cls.__module__ == standin.__name__) == forge_layout
     original_bytes = weight.data.clone()
     capsys.readouterr()
-    backup = forge["backend.patcher.lora"].refresh(model, {"layer.weight": delta})
+    backup = forge["backend.patcher.lora"].LoraLoader(model).refresh({"layer.weight": delta})
     weight = model.layer.weight
     assert weight.data.dtype == torch.uint8 and weight.data.numel() == original_bytes.numel()
     assert torch.equal(backup["layer.weight"].data, original_bytes)       # the unpatched weight is kept for undo

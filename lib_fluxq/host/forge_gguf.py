@@ -175,31 +175,20 @@ def extra_quant_classes(qtype_enum: Any = None) -> dict[Any, type]:
     return quant_classes(qtype_enum)
 
 
-def install(operations_gguf: Any, mapping: dict[Any, Any], patch_attr: Callable[[Any, str, Any], None],
-            patch_item: Callable[[dict[Any, Any], Any, Any], None], add_missing: bool = True) -> None:
-    """Everything GGUF the hook adds: the forward path (``install_forward_path``, which also registers the types the
-    host lacks unless ``add_missing`` is False), LoRA re-quantization for the host classes that cannot, and the
-    console line after each LoRA refresh. ``mapping`` is the host's type table (Forge ``quants_mapping``, Neo
-    ``QUANTS_MAPPING``); its keys' enum comes from the host's own gguf copy (``operations_gguf.gguf``)."""
-    gguf_module = getattr(operations_gguf, "gguf", None)
-    if gguf_module is None:
-        import gguf as gguf_module
-    install_forward_path(operations_gguf, mapping, gguf_module.GGMLQuantizationType, patch_attr, patch_item,
-                         add_missing=add_missing)
-    for quant_cls in host_classes(mapping):
-        replacement = requantizing_method(quant_cls)
-        if replacement is not None:
-            patch_attr(quant_cls, "quantize_pytorch", replacement)
+def install_lora_report(operations_gguf: Any, patch_attr: Callable[[Any, str, Any], None]) -> None:
+    """Wrap the host's LoRA refresh (``backend.patcher.lora.LoraLoader.refresh``) with the console line."""
     import importlib
     try:
         lora = importlib.import_module(operations_gguf.__name__.rsplit(".", 1)[0] + ".patcher.lora")
     except Exception:
         return
     loader_cls = getattr(lora, "LoraLoader", None)
-    target, name = (loader_cls, "refresh") if loader_cls is not None else (lora, "refresh")
-    refresh = getattr(target, "__dict__", {}).get(name) if isinstance(target, type) else getattr(target, name, None)
+    if loader_cls is not None:
+        target, refresh = loader_cls, loader_cls.__dict__.get("refresh")
+    else:
+        target, refresh = lora, getattr(lora, "refresh", None)
     if refresh is not None and MARK not in getattr(refresh, "__dict__", {}):
-        patch_attr(target, name, lora_refresh_wrapper(refresh))
+        patch_attr(target, "refresh", lora_refresh_wrapper(refresh))
 
 
 def host_classes(mapping: dict[Any, Any]) -> list[type]:
