@@ -285,7 +285,7 @@ def plan_modules(checkpoint: Any, selected: Any) -> Any:
         return selected
     chosen = describe_files(selected_paths)
     unreadable = [p for p in selected_paths if p not in {c.path for c in chosen}]
-    available = describe_files(available_modules()) if (pair or check) and contents.family in ("flux", "chroma") \
+    available = describe_files(available_modules()) if (pair or check) and contents.needs \
         else []
     plan = choose_pairing(contents, chosen, available, free_ram_bytes(), pair=pair, drop=drop)
     plan.modules.extend(unreadable)  # .ckpt/.pt modules we cannot read cheaply: Forge decides, as before
@@ -297,7 +297,7 @@ def plan_modules(checkpoint: Any, selected: Any) -> Any:
         log(f"{os.path.basename(checkpoint)} is {contents.family}: leaving out {os.path.basename(path)} "
             f"(does not fit this model)")
     if plan.missing and check:
-        raise MissingComponentsError(checkpoint, plan.missing, module_folders())
+        raise MissingComponentsError(checkpoint, plan.missing, module_folders(), family=contents.family)
     if not plan.added and not plan.dropped:
         return selected
     return plan.modules
