@@ -21,8 +21,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from lib_fluxq import families
 from lib_fluxq.errors import FormatError
-from lib_fluxq.flux import FLUX_DEV, FluxConfig
+from lib_fluxq.flux import (
+    CHROMA_HD,
+    FLUX2_DEV,
+    FLUX2_KLEIN_4B,
+    FLUX2_KLEIN_9B,
+    FLUX_DEV,
+    FLUX_FILL,
+    FLUX_SCHNELL,
+    FluxConfig,
+)
 from lib_fluxq.formats.gguf_header import read_gguf_header
 from lib_fluxq.formats.safetensors_header import read_safetensors_header
 from lib_fluxq.inspect import FileReport, inspect_file, scan
@@ -556,3 +566,78 @@ def test_cli_json_and_table(tmp_path: Path) -> None:
     assert table.returncode == 0
     assert "flux-dev" in table.stdout and "unreadable:" in table.stdout and "Q4_0" in table.stdout
     assert "also select: clip_l, t5xxl, ae" in table.stdout
+
+
+# ------------------------------------------------------------------- every family, companion and format, with hosts
+
+def _st(path: Path, specs: dict, metadata: dict | None = None) -> Path:
+    return family_files.write_sparse_safetensors(path, specs, metadata)
+
+
+def _gg(path: Path, specs: dict, arch: str) -> Path:
+    return family_files.write_sparse_gguf(path, specs, arch)
+
+
+ff = family_files
+FAMILY_CASES = {
+    # name: (writer, family, level, quant format, components, missing parts, Forge runs, Neo runs)
+    "klein-4b bf16": (lambda d: _st(d / "m.safetensors", ff.flux_specs(FLUX2_KLEIN_4B)), "flux2-klein-4b", "BF16",
+                      "bf16", ["transformer"], ["qwen3_4b", "flux2_vae"], False, True),
+    "klein-9b Q8_0": (lambda d: _gg(d / "m.gguf", ff.flux_gguf_specs(FLUX2_KLEIN_9B, Q.Q8_0), "flux"),
+                      "flux2-klein-9b", "Q8_0", "gguf", ["transformer"], ["qwen3_8b", "flux2_vae"], False, True),
+    "flux2-dev Q4_K_S": (lambda d: _gg(d / "m.gguf", ff.flux_gguf_specs(FLUX2_DEV, Q.Q4_K), "flux"), "flux2-dev",
+                         "Q4_K_S", "gguf", ["transformer"], ["mistral3_24b", "flux2_vae"], False, False),
+    "chroma Q8_0": (lambda d: _gg(d / "m.gguf", ff.flux_gguf_specs(CHROMA_HD, Q.Q8_0), "flux"), "chroma", "Q8_0",
+                    "gguf", ["transformer"], ["t5xxl", "ae"], True, True),
+    "fill bf16": (lambda d: _st(d / "m.safetensors", ff.flux_specs(FLUX_FILL)), "flux-fill", "BF16", "bf16",
+                  ["transformer"], ["clip_l", "t5xxl", "ae"], False, False),
+    "kontext by name": (lambda d: _gg(d / "flux1-kontext-dev-Q4_0.gguf", ff.flux_gguf_specs(FLUX_DEV, Q.Q4_0),
+                                      "flux"), "flux-kontext", "Q4_0", "gguf", ["transformer"],
+                        ["clip_l", "t5xxl", "ae"], False, True),
+    "SVDQ INT4": (lambda d: _st(d / "m.safetensors", *ff.nunchaku_flux_specs(False)), "flux-dev",
+                  "SVDQuant INT4 (Nunchaku)", "svdq-int4", ["transformer"], ["clip_l", "t5xxl", "ae"], False, True),
+    "SVDQ FP4": (lambda d: _st(d / "m.safetensors", *ff.nunchaku_flux_specs(True)), "flux-dev",
+                 "SVDQuant NVFP4 (Nunchaku)", "svdq-fp4", ["transformer"], ["clip_l", "t5xxl", "ae"], False, True),
+    "Comfy nvfp4": (lambda d: _st(d / "m.safetensors", *ff.flux_comfy_mixed_specs(FLUX_DEV, "nvfp4", True)),
+                    "flux-dev", "NVFP4 mixed (Comfy quant)", "comfy-nvfp4", ["transformer"],
+                    ["clip_l", "t5xxl", "ae"], False, True),
+    "fp8 scaled": (lambda d: _st(d / "m.safetensors", ff.flux_scaled_fp8_specs(FLUX_SCHNELL)), "flux-schnell",
+                   "fp8 scaled (Comfy legacy)", "fp8-scaled", ["transformer"], ["clip_l", "t5xxl", "ae"], True, True),
+    "qwen3-4b": (lambda d: _st(d / "m.safetensors", ff.llm_specs(ff.QWEN3_4B)), "qwen3_4b", "BF16", "bf16",
+                 ["qwen3_4b"], [], None, None),
+    "mistral GGUF": (lambda d: _gg(d / "m.gguf", ff.llm_gguf_specs(ff.MISTRAL_24B, gguf.MODEL_ARCH.LLAMA, Q.Q4_K),
+                                   "llama"), "mistral3_24b", "Q4_K_S", "gguf", ["mistral3_24b"], [], None, None),
+    "FLUX.2 VAE": (lambda d: _st(d / "m.safetensors", ff.vae_specs(32, flux2=True)), "flux2_vae", "F32", "fp32",
+                   ["flux2_vae"], [], None, None),
+}
+
+
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
+def test_inspect_names_family_format_parts_and_hosts(tmp_path: Path, case: str) -> None:
+    write, family, level, quant, components, missing, forge, neo = FAMILY_CASES[case]
+    r = inspect_file(write(tmp_path))
+    assert r.status == "ok", r.error
+    assert (r.family, r.level, r.quant_format, r.components, r.missing_for_flux) == \
+        (family, level, quant, components, missing)
+    assert r.lora is None
+    if forge is None:
+        assert r.runs_on == {}
+        return
+    assert r.family_title == families.family(family).title
+    assert r.runs_on["Forge (dfdcbab6)"].startswith("yes" if forge else "no")
+    assert r.runs_on["Forge Neo (2.26)"].startswith("yes" if neo else "no")
+    assert any(n.startswith(f"{r.family_title} as ") and "Forge Neo" in n for n in r.notes)
+
+
+def test_inspect_says_svdq_needs_nunchaku_on_neo(tmp_path: Path) -> None:
+    r = inspect_file(FAMILY_CASES["SVDQ INT4"][0](tmp_path))
+    assert r.runs_on["Forge Neo (2.26)"].startswith("yes (needs Nunchaku")
+    assert r.runs_on["Forge (dfdcbab6)"] == "no (no Nunchaku support)"
+
+
+def test_inspect_says_what_decided_a_look_alike(tmp_path: Path) -> None:
+    named = inspect_file(FAMILY_CASES["kontext by name"][0](tmp_path))
+    assert named.decided_by == "name" and any(n.startswith("decided by: name") for n in named.notes)
+    neutral = inspect_file(_gg(tmp_path / "x.gguf", ff.flux_gguf_specs(FLUX_DEV, Q.Q8_0), "flux"))
+    assert neutral.family == "flux-dev" and neutral.decided_by == "content"
+    assert any("Kontext" in n and "same weights" in n for n in neutral.notes)
