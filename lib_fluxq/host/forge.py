@@ -324,13 +324,13 @@ def plan_modules(checkpoint: Any, selected: Any) -> Any:
         return selected
     chosen = describe_files(selected_paths)
     unreadable = [p for p in selected_paths if p not in {c.path for c in chosen}]
-    available = describe_files(available_modules()) if pair and contents.family in ("flux", "chroma") else []
+    available = describe_files(available_modules()) if pair and contents.needs else []
     plan = choose_pairing(contents, chosen, available, free_ram_bytes(), pair=pair, drop=drop)
     plan.modules.extend(unreadable)  # .ckpt/.pt modules we cannot read cheaply: the host decides, as before
     last_plan.update(checkpoint=checkpoint, family=contents.family, added=dict(plan.added),
                      dropped=list(plan.dropped), missing=list(plan.missing), modules=list(plan.modules))
     if plan.missing and pair and check:
-        error = user_errors.user_error_class()(checkpoint, plan.missing, module_folders())
+        error = user_errors.user_error_class()(checkpoint, plan.missing, module_folders(), family=contents.family)
         if not user_errors.ui_task_running():   # the UI path prints it once itself (user_errors)
             log(str(error))
         raise error
