@@ -27,6 +27,7 @@ import torch
 SETTING = "fluxq_lora_merge"
 Backup = collections.namedtuple("Backup", ["weight", "inplace_update"])   # the fields the host's backups have
 _stats = {"layers": 0, "seconds": 0.0}
+_announced: dict[str, str] = {}
 
 
 def available(caps: Any) -> str | None:
@@ -75,7 +76,8 @@ def apply_mode(setting: Callable[[str], bool], log: Callable[[str], None] | None
     if str(shared.opts.data.get("forge_unet_storage_dtype", "")).endswith("(fp16 LoRA)"):
         return   # the user asked for on-the-fly LoRA themselves
     dynamic_args.online_lora = False
-    if log is not None:
+    if log is not None and _announced.get("checkpoint") != checkpoint:   # the host refreshes on every option change
+        _announced["checkpoint"] = checkpoint
         log(f"{os.path.basename(checkpoint)}: LoRAs are merged once and re-quantized (Settings -> fluxq), not "
             "applied in fp16 at every step")
 
