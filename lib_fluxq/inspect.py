@@ -312,6 +312,11 @@ def _sha256(path: str) -> str:
 # --------------------------------------------------------------------------------------------------------- analysis
 
 def _analyse(report: FileReport, tensors: list[_Tensor], view: HeaderView) -> None:
+    # The one classifier (lib_fluxq.classify over the family table) names the file and, group by group, each part
+    # of an all-in-one checkpoint; inspect adds the storage accounting per part. A model first: Nunchaku's SVDQuant
+    # files carry low-rank 'lora_down' / 'lora_up' tensors in every layer and are not LoRAs.
+    whole = classify(view)
+    _count_packed(tensors, view, whole.format)
     report.tensors = len(tensors)
     report.parameters = sum(t.parameters for t in tensors)
     report.storage = _storage(tensors)
@@ -319,10 +324,6 @@ def _analyse(report: FileReport, tensors: list[_Tensor], view: HeaderView) -> No
     if not tensors:
         report.notes.append("the file holds no tensors")
         return
-    # The one classifier (lib_fluxq.classify over the family table) names the file and, group by group, each part
-    # of an all-in-one checkpoint; inspect adds the storage accounting per part. A model first: Nunchaku's SVDQuant
-    # files carry low-rank 'lora_down' / 'lora_up' tensors in every layer and are not LoRAs.
-    whole = classify(view)
     if whole.family is None and any(_LORA_ANY.search(n) for n in names):
         _analyse_lora(report, tensors)
         _note_folder(report, "lora")
@@ -370,6 +371,21 @@ def _analyse(report: FileReport, tensors: list[_Tensor], view: HeaderView) -> No
         _note_folder(report, "transformer")
 
 
+def _count_packed(tensors: list[_Tensor], view: HeaderView, quant_format: str | None) -> None:
+    """Parameters of 4-bit weights packed into integer storage: SVDQuant 'qweight' int8 holds two (W4A4), int32
+    eight (the AWQ W4A16 AdaNorm linears); Comfy nvfp4 'weight' uint8 holds two."""
+    if quant_format in ("svdq-int4", "svdq-fp4"):
+        per_element = {"I8": 2, "I32": 8}
+        for t in tensors:
+            if t.name.endswith(".qweight") and t.dtype in per_element:
+                t.parameters *= per_element[t.dtype]
+    elif quant_format == "comfy-nvfp4":
+        for t in tensors:
+            if t.dtype == "U8" and t.name.endswith(".weight") and \
+                    f"{t.name[:-len('weight')]}weight_scale_2" in view.tensors:
+                t.parameters *= 2
+
+
 # Formats whose marker, not the storage dtype, says what the weights are.
 _MARKED_FORMATS = ("svdq-int4", "svdq-fp4", "comfy-nvfp4", "comfy-mxfp8", "comfy-int8", "comfy-w4a4", "comfy-fp8",
                    "fp8-scaled")
@@ -405,9 +421,6 @@ def _note_family(report: FileReport, whole: Classification) -> None:
         verb = "has" if len(others) == 1 else "have"
         report.notes.append(f"{' and '.join(others)} {verb} the same weights as {row.title}; neither the metadata "
                             f"nor the file name says which, so this reads as {row.title}")
-    if whole.needs:
-        needs = ", ".join(F.part_title(p) for p in whole.needs)
-        report.notes.append(f"{row.title} also needs: {needs}")
     hosts = [f"{title}: {text}" for title, text in report.runs_on.items()]
     fmt_title = F.fmt(whole.format).title if whole.format in F.FORMATS else "this storage"
     report.notes.append(f"{row.title} as {fmt_title} runs on " + "; ".join(hosts))

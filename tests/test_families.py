@@ -348,3 +348,16 @@ def test_comfy_mixed_reads_only_the_marker_bytes(tmp_path: Path) -> None:
     assert dict(got.format_mix) == {"nvfp4": layers}
     size = path.stat().st_size
     assert math.isclose(size / GB, 6.8, abs_tol=0.3)   # nvfp4 FLUX.1 dev is about 6.8 GB; we read kilobytes of it
+
+
+def test_readme_and_docs_tables_are_the_table() -> None:
+    """README.md and docs/families.md show the rows this module generates (regenerate them when the table grows)."""
+    root = Path(__file__).resolve().parents[1]
+    for doc, generated in (("README.md", {"families.markdown_families(compact=True)": F.markdown_families(True)}),
+                           ("docs/families.md", {"families.markdown_families()": F.markdown_families(),
+                                                 "families.markdown_companions()": F.markdown_companions(),
+                                                 "families.markdown_formats()": F.markdown_formats()})):
+        text = (root / doc).read_text()
+        for marker, table in generated.items():
+            begin = f"<!-- generated: {marker} -->\n"
+            assert begin + table + "\n<!-- end generated -->" in text, (doc, marker)

@@ -633,6 +633,8 @@ def test_inspect_says_svdq_needs_nunchaku_on_neo(tmp_path: Path) -> None:
     r = inspect_file(FAMILY_CASES["SVDQ INT4"][0](tmp_path))
     assert r.runs_on["Forge Neo (2.26)"].startswith("yes (needs Nunchaku")
     assert r.runs_on["Forge (dfdcbab6)"] == "no (no Nunchaku support)"
+    # packed 4-bit weights count two per int8 byte (eight per int32): at least FLUX.1's 11.9 B, plus the rank-32 branch
+    assert families.family("flux-dev").parameters <= r.parameters < 1.1 * families.family("flux-dev").parameters
 
 
 def test_inspect_says_what_decided_a_look_alike(tmp_path: Path) -> None:
