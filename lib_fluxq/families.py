@@ -191,7 +191,9 @@ _QK_NORM = ("double_blocks.0.img_attn.norm.key_norm.scale | double_blocks.0.img_
 _IMG_IN = "img_in.weight | x_embedder.weight"
 _TXT_IN = "txt_in.weight | context_embedder.weight"
 _VEC_IN = "vector_in.in_layer.weight | time_text_embed.text_embedder.linear_1.weight"   # CLIP-L pooled input
-_GUIDANCE = "guidance_in.in_layer.weight | time_text_embed.guidance_embedder.linear_1.weight"
+_GUIDANCE = ("guidance_in.in_layer.weight | time_text_embed.guidance_embedder.linear_1.weight"
+             " | time_guidance_embed.guidance_embedder.linear_1.weight")   # BFL | diffusers FLUX.1 | diffusers FLUX.2
+GUIDANCE_KEYS = _GUIDANCE
 _FLUX2 = "double_stream_modulation_img.lin.weight | double_stream_modulation_img.linear.weight"
 _CHROMA = ("distilled_guidance_layer.in_proj.weight | distilled_guidance_layer.norms.0.scale"
            " | distilled_guidance_layer.norms.0.weight | distilled_guidance_layer.0.norms.0.scale"
@@ -336,6 +338,10 @@ _FORGE_FLUX = Support(True, "GGUF, NF4, fp8, bf16")
 _NEO_FLUX = Support(True)
 _NO_A1111 = Support(False, "A1111 has no Flux-family support")
 _SQUARE_1MP = ((1024, 1024), (832, 1216), (1216, 832), (896, 1152), (1152, 896))
+# Default steps / CFG / distilled CFG: FLUX.2 dev 50 / guidance 4, Klein distilled 4 / 1, Klein base 50 / 4 (read in
+# a stored Klein setup page citing the model cards); FLUX.1 dev and schnell from Forge's Flux preset; Kontext
+# (28 / 2.5), Krea (28 / 4.5), Fill (50 / 30) and Chroma (26 / CFG 4) as remembered from their model cards, not
+# re-read here.
 
 
 def _city96(variant: str, level: str, size_gb: float, licence: str, source: str = "published") -> Download:
