@@ -70,7 +70,8 @@ def model_loads(log_text: str) -> list[tuple[str, list[str]]]:
 
 
 @contextmanager
-def running_forge(data_dir: Path, start_timeout: int = 240) -> Iterator[tuple[subprocess.Popen, Path]]:
+def running_forge(data_dir: Path, start_timeout: int = 240,
+                  with_fluxq: bool = True) -> Iterator[tuple[subprocess.Popen, Path]]:
     """Forge started on ``data_dir`` (extensions/fluxq → this repository), up once it printed "Startup time:" and
     /sdapi/v1/options answers; yields (process, console log path) and stops it afterwards.
 
@@ -79,8 +80,10 @@ def running_forge(data_dir: Path, start_timeout: int = 240) -> Iterator[tuple[su
     "IndexError: list assignment index out of range" in ``init_script_args`` (seen here, Forge dfdcbab6)."""
     (data_dir / "extensions").mkdir(parents=True, exist_ok=True)
     link = data_dir / "extensions" / "fluxq"
-    if not link.exists():
+    if with_fluxq and not link.is_symlink():
         link.symlink_to(REPO)
+    elif not with_fluxq and link.is_symlink():   # "Forge alone": the same data dir without the extension
+        link.unlink()
     log_path = data_dir / "forge.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     args = [forge_python(), "launch.py", "--always-cpu", "--api", "--skip-prepare-environment", "--skip-install",
@@ -169,7 +172,8 @@ def _t5_recipe(name: str, shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and (name.startswith("enc.blk.") or name == "token_embd.weight") and "attn_rel_b" not in name
 
 
-def _write_gguf_streaming(path: Path, shapes: dict[str, tuple[int, ...]], recipe, arch: str) -> None:
+def _write_gguf_streaming(path: Path, shapes: dict[str, tuple[int, ...]], recipe, arch: str,
+                          qtype: T = FLUX_QTYPE) -> None:
     """Full-size GGUF without holding it in RAM: tensor infos first, then each tensor's bytes."""
     from tests import ggml_ref
 
@@ -180,8 +184,8 @@ def _write_gguf_streaming(path: Path, shapes: dict[str, tuple[int, ...]], recipe
         if len(shape) == 2 and shape[1] % 256 == 0 and recipe(name, shape):
             if shape not in packed_by_shape:
                 values = (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[1])).astype(np.float32)
-                packed_by_shape[shape] = ggml_ref.quantize(values, FLUX_QTYPE)
-            return packed_by_shape[shape], FLUX_QTYPE
+                packed_by_shape[shape] = ggml_ref.quantize(values, qtype)
+            return packed_by_shape[shape], qtype
         if len(shape) == 1:
             return np.ones(shape, dtype=np.float32), T.F32
         return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16), T.F16
@@ -235,19 +239,21 @@ save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, vae_out)
 """
 
 
-def build_flux_models(data_dir: Path) -> dict[str, Path]:
-    """Full-shape random FLUX.1-dev Q2_K GGUF ("flux"), T5-XXL Q2_K GGUF ("t5"), CLIP-L ("clip") and ae ("ae")."""
+def build_flux_models(data_dir: Path, qtype: T = FLUX_QTYPE) -> dict[str, Path]:
+    """Full-shape random FLUX.1-dev GGUF ("flux") and T5-XXL GGUF ("t5") of ``qtype`` (Q2_K unless told), CLIP-L
+    ("clip") and ae ("ae")."""
     models = data_dir / "models"
     for sub in ("Stable-diffusion", "VAE", "text_encoder"):
         (models / sub).mkdir(parents=True, exist_ok=True)
-    files = {"flux": models / "Stable-diffusion" / "flux1-dev-Q2_K.gguf",
-             "t5": models / "text_encoder" / "t5-v1_1-xxl-encoder-Q2_K.gguf",
+    files = {"flux": models / "Stable-diffusion" / f"flux1-dev-{qtype.name}.gguf",
+             "t5": models / "text_encoder" / f"t5-v1_1-xxl-encoder-{qtype.name}.gguf",
              "clip": models / "text_encoder" / "clip_l.safetensors",
              "ae": models / "VAE" / "ae.safetensors"}
     if not files["flux"].exists():
-        _write_gguf_streaming(files["flux"], flux_param_shapes(FLUX_DEV), is_quantized_by_recipe, arch="flux")
+        _write_gguf_streaming(files["flux"], flux_param_shapes(FLUX_DEV), is_quantized_by_recipe, arch="flux",
+                              qtype=qtype)
     if not files["t5"].exists():
-        _write_gguf_streaming(files["t5"], _t5_shapes(), _t5_recipe, arch="t5encoder")
+        _write_gguf_streaming(files["t5"], _t5_shapes(), _t5_recipe, arch="t5encoder", qtype=qtype)
     if not files["clip"].exists() or not files["ae"].exists():
         repo = Path(FORGE_DIR) / "backend" / "huggingface" / "black-forest-labs" / "FLUX.1-dev"
         subprocess.run([forge_python(), "-c", _BUILD_CLIP_VAE, str(repo),
