@@ -55,11 +55,11 @@ def dequantize(packed: torch.Tensor, qtype: QType, shape: Sequence[int],
 
 _OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# On CPU, kernels run in chunks of a quarter million elements: their byte and float temporaries (per-thread scratch
+# On CPU, kernels run in chunks of a million elements: their byte and float temporaries (per-thread scratch
 # reused by every chunk and call) then stay cache-sized instead of being multi-MB allocations that the C allocator
 # maps and page-faults on every call, and the per-op overhead (~1-3 us) stays small against each chunk's work.
 # GPUs take the whole tensor in one go.
-_CPU_CHUNK_ELEMENTS = 1 << 18
+_CPU_CHUNK_ELEMENTS = 1 << 20
 
 
 def _use_triton(fmt: QuantFormat, blocks: torch.Tensor, target: torch.Tensor) -> bool:
