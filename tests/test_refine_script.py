@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import re
 
 import cv2
@@ -131,6 +132,38 @@ def test_flux_is_released_before_the_sd_model_loads(checkpoints):
     # nothing of ours keeps the SD model either: the next generation loads Flux with SD already gone
     _txt2img(processing, runner, runner.init_script_args({}))
     assert (record.loads[-1]["checkpoint"], record.loads[-1]["still_loaded"]) == ("flux1-schnell-Q4_0.gguf", [])
+
+
+@pytest.mark.parametrize("faces", [False, True])
+def test_refined_png_parameters_are_the_first_pass_infotext(checkpoints, faces):
+    """Issue 16 item 4: the refined image came back with the SD img2img's own PNG ``parameters`` (SD model, denoise,
+    no Flux parameters, no fluxq keys). Forge writes ``image.info["parameters"]`` on every output image and the API
+    and the image saver put it into the PNG: the refined image must carry the whole generation's infotext — with or
+    without a face pass (whose paste makes a new image)."""
+    photo = Image.fromarray(skdata.astronaut())
+    record, host, script, runner, processing, shared = _setup(checkpoints, first_pass={100: photo})
+    args = runner.init_script_args({"fluxq refine": {"args": [{"enable": True, "checkpoint": "dreamshaper8",
+                                                               "scale": 1.0, "tiles": "off", "faces": faces}]}})
+    p = processing.StableDiffusionProcessingTxt2Img(prompt="astronaut", width=512, height=512, seed=100, steps=4,
+                                                    cfg_scale=1.0, distilled_cfg_scale=3.5)
+    p.scripts, p.script_args = runner, args
+    processed = processing.process_images(p)
+    assert sum(j["masked"] for j in record.jobs) == int(faces)
+    parameters = processed.images[0].info["parameters"]
+    assert parameters == processed.infotexts[0]
+    assert "Model: flux1-schnell-Q4_0" in parameters and "Steps: 4" in parameters
+    assert "fluxq refine: True" in parameters and "fluxq refine checkpoint: dreamshaper8" in parameters
+    assert "Denoising strength" not in parameters and "Model: dreamshaper8" not in parameters
+    # what the API returns: the PNG bytes Forge's encode_pil_to_base64 writes (every str in info as a text chunk)
+    from PIL import PngImagePlugin
+
+    png = io.BytesIO()
+    meta = PngImagePlugin.PngInfo()
+    for key, value in processed.images[0].info.items():
+        if isinstance(key, str) and isinstance(value, str):
+            meta.add_text(key, value)
+    processed.images[0].save(png, format="PNG", pnginfo=meta)
+    assert Image.open(io.BytesIO(png.getvalue())).info["parameters"] == parameters
 
 
 def test_sdxl_refine_is_one_pass_with_sdxl_cfg_and_face_pass_on_a_real_face(checkpoints):
