@@ -22,8 +22,9 @@ Memory model (bytes, per generation at height H x width W, batch B)
   * Forge's "GPU Weights (MB)" = total - reserve: Forge keeps ``reserve`` free for computation. When free VRAM -
     weights - reserve < 0 it offloads: resident share = max((free - reserve) / 1.3, free - reserve - 1.25 GiB) and the
     rest of the (still quantized) weights cross PCIe every step (FORGE_NOTES section 5).
-  * RAM: steady = offloaded weights + text encoders + VAE + 3 GiB (OS + WebUI); loading a checkpoint in Forge peaks at
-    2.63 x the file size (measured, FORGE_NOTES section 10).
+  * RAM: steady = offloaded weights + text encoders + VAE + 3 GiB (OS + WebUI). Loading peaks at a measured multiple
+    of the files loaded (transformer + text encoders + VAE) that depends on the host, on whether fluxq's loading is
+    active and on whether the host "bakes" the GGUF type (``RAM_PEAKS`` below, each with its measurement).
 
 Speed model (seconds per sampling step)
   * compute  = FLOPs of one Flux step / (card's dense fp16/bf16 tensor TFLOP/s with fp32 accumulation x 0.6).
@@ -40,6 +41,8 @@ All constants below are named; every figure shown is computed from them, never l
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from lib_fluxq.hardware import GIB
 
@@ -60,7 +63,6 @@ VAE_DECODE_FLOPS_PER_PIXEL = 4.8e6
 CLIP_L_BYTES = int(0.25 * GB)
 RAM_BASE_BYTES = 3 * GIB           # OS + Python + WebUI
 RAM_COMFORT = 0.85                 # share of RAM a plan may use in steady state
-FORGE_LOAD_PEAK_FACTOR = 2.63      # peak RSS while Forge loads a GGUF / file size (measured, FORGE_NOTES section 10)
 FORGE_SWAP_FACTOR = 1.3            # compute_model_gpu_memory_when_using_cpu_swap
 FORGE_SWAP_MARGIN = 1.25 * GIB
 MAX_OFFLOAD_SHARE = 0.5            # beyond this share streamed per step, a level is "too slow to recommend"
@@ -79,3 +81,50 @@ PCIE_GBPS_PER_LANE = {3: 0.985, 4: 1.969, 5: 3.938}
 RESOLUTION_PRESETS: list[tuple[int, int]] = [
     (1024, 1024), (896, 1152), (832, 1216), (768, 1344), (768, 1024), (768, 768), (512, 768), (512, 512)]
 
+
+
+# ---------------------------------------------------------------------------------------- RAM while a model loads
+# Peak RSS of the WebUI process from start to the end of the first image, divided by the bytes of the files loaded
+# (Flux transformer GGUF + T5 + CLIP-L + VAE). Measured in real WebUIs, CPU-only, on full-size random FLUX.1-dev GGUFs
+# (Q4_0 6.8 GB, Q5_1 9.0 GB) with a city96-style T5-XXL Q4_0 GGUF, clip_l and ae (the four files: 9.55 GB with the
+# Q4_0, 11.8 GB with the Q5_1), one small txt2img, by the session that filed issue 16 (its figures are quoted below).
+# The opt-in test that re-measures a peak in a real Forge (it prints peak_rss_gb for its files):
+#   flock /tmp/fluxq-bigmem.lock env FORGE_DIR=/tmp/forge .venv-test/bin/python -m pytest -q -s tests/test_forge_real.py
+# Update a row here when a new measurement lands; nothing else in the advisor holds a RAM factor.
+# "baked": GGUF types whose class defines ``bake_inner`` in Forge's gguf copy (packages_3rdparty/gguf/quants.py:
+# Q4_0, Q4_1, Q8_0, Q4_K): Forge copies every weight of these into anonymous memory at the first placement.
+BAKED_GGUF_TYPES = frozenset({"Q4_0", "Q4_1", "Q8_0", "Q4_K_S"})
+
+
+@dataclass(frozen=True)
+class RamPeak:
+    factor: float       # peak RSS / bytes of the files loaded
+    source: str         # what was measured (or, for a target not yet measured, says so)
+    measured: bool = True
+
+
+# (host, loading, storage) -> RamPeak. host: "forge" | "neo"; loading: "fluxq" (installed, memory-mapped GGUF,
+# no double residency at bake) | "host" (the WebUI alone); storage: "baked" | "mapped" (GGUF types never baked).
+RAM_PEAKS: dict[tuple[str, str, str], RamPeak] = {
+    ("forge", "host", "baked"): RamPeak(1.78, "Forge alone, Q4_0 + T5/CLIP/VAE: 17.0 GB peak for 9.55 GB of files "
+                                              "(issue 16, real Forge, 2026-11-30)"),
+    ("forge", "host", "mapped"): RamPeak(1.81, "Forge alone, Q5_1 + modules + LoRA: 21.3 GB peak for 11.8 GB of files "
+                                               "(issue 16)"),
+    ("forge", "fluxq", "mapped"): RamPeak(1.26, "fluxq in Forge, Q5_1 + modules + LoRA: 14.8 GB peak for 11.8 GB of "
+                                                "files (issue 16)"),
+    # 19.1 GB (2.0x) was measured before the bake fix; issue 16 sets <= 1.25x as the target of that fix.
+    ("forge", "fluxq", "baked"): RamPeak(1.25, "fluxq in Forge, Q4_0 + modules: the bake fix's target (issue 16: "
+                                               "<= 1.25x the files; 2.0x before the fix)", measured=False),
+    ("neo", "host", "baked"): RamPeak(1.91, "Neo alone, Q4_0 + modules: 18.2 GB peak for 9.55 GB of files "
+                                            "(NEO_NOTES section 2, real Neo 2.26)"),
+    ("neo", "host", "mapped"): RamPeak(1.42, "Neo alone, Q5_1 + modules: 16.7 GB peak for 11.8 GB of files "
+                                             "(real Neo 2.26, 2026-11-30)"),
+    # Neo memory-maps GGUFs itself; fluxq adds only the bake fix there.
+    ("neo", "fluxq", "mapped"): RamPeak(1.42, "as Neo alone: Neo maps GGUFs itself (16.7 GB for 11.8 GB of files)"),
+    ("neo", "fluxq", "baked"): RamPeak(1.25, "fluxq in Neo, Q4_0 + modules: the bake fix's target (issue 16)",
+                                       measured=False),
+}
+# Non-GGUF checkpoints (safetensors BF16 / FP8 / NF4) are read by the WebUI's own loader with or without fluxq.
+SAFETENSORS_RAM_PEAK = RamPeak(2.0, "safetensors through the WebUI's loader: the file is read into RAM, then copied "
+                                    "into the model once (two copies at the peak); not measured here", measured=False)
+HOSTS = ("forge", "neo")

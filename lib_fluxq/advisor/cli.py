@@ -6,6 +6,9 @@ import argparse
 import os
 import re
 
+from lib_fluxq.advisor.calibration import HOSTS
+from lib_fluxq.advisor.gpus import GPU_PROFILES, find_gpu_profile
+from lib_fluxq.advisor.model import planned_families
 from lib_fluxq.advisor.plan import advise, scan_models
 from lib_fluxq.advisor.render import render_json, render_text
 from lib_fluxq.errors import FluxqError
@@ -33,8 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", metavar="DIR", help="also rank the model files in this folder")
     parser.add_argument("--size", type=_size, default=(1024, 1024), metavar="WxH",
                         help="target image size (default 1024x1024)")
-    parser.add_argument("--model", choices=("dev", "schnell"), default="dev", help="Flux variant (default dev)")
+    parser.add_argument("--model", default="dev", metavar="FAMILY",
+                        help="model family: " + ", ".join(f.key for f in planned_families())
+                             + " (dev / schnell / klein-4b / klein-9b are short names; default dev)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps for time per image")
+    parser.add_argument("--host", choices=HOSTS, default="forge", help="WebUI the RAM figures are for (default forge)")
     parser.add_argument("--json", action="store_true", help="print the advice as JSON")
 
 
@@ -44,9 +50,13 @@ def run(args: argparse.Namespace) -> int:
         raise FluxqError(f"{models_dir}: no such folder (give the folder holding your .gguf/.safetensors files)")
     if args.steps is not None and not 1 <= args.steps <= 1000:
         raise FluxqError(f"--steps {args.steps} is not plausible (use 1..1000)")
+    if args.gpu is not None and args.gpu.strip() and args.vram is None and find_gpu_profile(args.gpu) is None:
+        known = ", ".join(p.name for p in GPU_PROFILES if p.name != "Apple M-series (generic)")
+        raise FluxqError(f"--gpu '{args.gpu.strip()}' is not a card the advisor knows, so its VRAM is unknown: add "
+                         f"--vram GB (e.g. --vram 12), or name one of: {known}")
     hardware = with_overrides(detect(models_dir), vram_gb=args.vram, ram_gb=args.ram, gpu_name=args.gpu)
     files = scan_models(models_dir) if models_dir is not None else None
     width, height = args.size
-    advice = advise(hardware, width, height, model=args.model, files=files, steps=args.steps)
+    advice = advise(hardware, width, height, model=args.model, files=files, steps=args.steps, host=args.host)
     print(render_json(advice) if args.json else render_text(advice))
     return 0
