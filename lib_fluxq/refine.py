@@ -35,12 +35,12 @@ class Family:
     native_side: int  # sqrt of the training area: 512² for SD1.5, 1024² for SDXL
     cfg: float
     tile_overlap: int  # px of overlap between tiles; also the feather width
-    header_family: str  # what lib_fluxq.pairing's header classifier calls this family
+    header_family: str  # the key of this family in lib_fluxq.families' table (what the classifier answers)
     latent_channels: int = 4
 
 
 FAMILIES: dict[str, Family] = {
-    "sd15": Family("sd15", "SD1.5", native_side=512, cfg=7.5, tile_overlap=64, header_family="sd1"),
+    "sd15": Family("sd15", "SD1.5", native_side=512, cfg=7.5, tile_overlap=64, header_family="sd15"),
     "sdxl": Family("sdxl", "SDXL", native_side=1024, cfg=5.0, tile_overlap=128, header_family="sdxl"),
 }
 
@@ -415,18 +415,17 @@ def settings_json(settings: RefineSettings) -> str:
 
 
 # Files whose content cannot be checked without unpickling them (no header to read): offered, and the family must then
-# be set explicitly. Everything else is classified from its header by lib_fluxq.pairing, the classifier the loader
-# hook uses too.
+# be set explicitly. Everything else is classified from its header by the one classifier (lib_fluxq.families' table,
+# through lib_fluxq.pairing), the one the loader hook uses too.
 UNCHECKABLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _HEADER_TO_FAMILY = {family.header_family: family.name for family in FAMILIES.values()}
-_FAMILY_TITLES = {"flux": "a Flux model", "chroma": "a Chroma model", "sd3": "an SD3 model", "sd2": "an SD2 model",
-                  "xlrf": "an SDXL refiner", None: "not a diffusion model"}
 
 
 def checkpoint_family(path: str | os.PathLike[str]) -> str | None:
     """The refine family (``sd15`` / ``sdxl``) of a checkpoint from its header (milliseconds even for a 12 GB
     file), None when the file has no readable header (.ckpt …). Anything else (Flux, SD3, a text encoder, a damaged
     file) is a RefineError saying what the file is."""
+    from lib_fluxq import families
     from lib_fluxq.pairing import describe_file
 
     path = os.fspath(path)
@@ -438,9 +437,11 @@ def checkpoint_family(path: str | os.PathLike[str]) -> str | None:
         raise RefineError(f"{path}: cannot read its header ({exc}); pick an SD1.5 or SDXL checkpoint") from None
     if found in _HEADER_TO_FAMILY:
         return _HEADER_TO_FAMILY[found]
-    what = _FAMILY_TITLES.get(found, f"a {found} model")
-    why = " (Flux latents have 16 channels, SD has 4)" if found in ("flux", "chroma") else ""
-    raise RefineError(f"{path}: is {what}; the refine pass needs an SD1.5 or SDXL checkpoint{why}")
+    if found is None:
+        raise RefineError(f"{path}: is not a diffusion model; the refine pass needs an SD1.5 or SDXL checkpoint")
+    family = families.family(found)
+    why = f" ({family.latent_channels}-channel latents, SD has 4)" if (family.latent_channels or 4) != 4 else ""
+    raise RefineError(f"{path}: is a {family.title} model; the refine pass needs an SD1.5 or SDXL checkpoint{why}")
 
 
 @dataclass(frozen=True)

@@ -316,12 +316,13 @@ def test_checkpoint_family_from_the_header(tmp_path):
     sdxl = _safetensors(tmp_path / "sdxl.safetensors", {UNET_ATTN2_K: (640, 2048)})
     assert R.checkpoint_family(sd15) == "sd15"
     assert R.checkpoint_family(sdxl) == "sdxl"
-    flux = _safetensors(tmp_path / "flux1-dev-fp8.safetensors", {
-        "model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale": (128,)})
-    with pytest.raises(R.RefineError, match=r"flux1-dev-fp8\.safetensors: is a Flux model; .*16 channels"):
+    from tests.fixtures import random_flux_state_dict, write_safetensors
+
+    flux = write_safetensors(tmp_path / "flux1-dev.safetensors", random_flux_state_dict())  # real names, small widths
+    with pytest.raises(R.RefineError, match=r"flux1-dev\.safetensors: is a FLUX\.1 \[dev\] model; .*16-channel"):
         R.checkpoint_family(flux)
     sd2 = _safetensors(tmp_path / "sd21.safetensors", {UNET_ATTN2_K: (640, 1024)})
-    with pytest.raises(R.RefineError, match="is an SD2 model"):
+    with pytest.raises(R.RefineError, match="is a Stable Diffusion 2.x model"):
         R.checkpoint_family(sd2)
     vae = _safetensors(tmp_path / "vae.safetensors", {"decoder.conv_in.weight": (512, 4, 3, 3)})
     with pytest.raises(R.RefineError, match="is not a diffusion model"):

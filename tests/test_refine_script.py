@@ -34,17 +34,12 @@ UNET_ATTN2_K = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn
 
 
 def _flux_gguf(path) -> str:
-    """A (tiny) transformer-only Flux GGUF as city96 writes them: the marker key Forge recognises Flux by."""
+    """A transformer-only Flux GGUF as city96 writes them (real tensor names, small widths)."""
     import gguf
 
-    writer = gguf.GGUFWriter(str(path), arch="flux")
-    writer.add_tensor("double_blocks.0.img_attn.norm.key_norm.scale", np.ones(128, np.float32))
-    writer.add_tensor("double_blocks.0.img_attn.qkv.weight", np.zeros((4, 34), np.uint8),
-                      raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    from tests.fixtures import random_flux_state_dict, recipe_qtype, write_gguf
+
+    write_gguf(path, random_flux_state_dict(), recipe_qtype(gguf.GGMLQuantizationType.Q8_0))
     return str(path)
 
 
@@ -331,7 +326,7 @@ def test_bad_checkpoint_fails_before_the_first_pass(checkpoints):
     # the Flux GGUF is refused by its header, before the first pass, even with a family set by hand
     for flux in ({"enable": True, "checkpoint": "flux1-schnell"}, {"enable": True, "checkpoint": "flux1-schnell",
                                                                     "family": "sd15"}):
-        with pytest.raises(R.RefineError, match=r"flux1-schnell-Q4_0\.gguf: is a Flux model; .*SD1\.5 or SDXL"):
+        with pytest.raises(R.RefineError, match=r"flux1-schnell-Q4_0\.gguf: is a FLUX\.1 .* model; .*SD1\.5 or SDXL"):
             _txt2img(processing, runner, runner.init_script_args({"fluxq refine": {"args": [flux]}}))
     assert not [j for j in record.jobs if j["kind"] == "StableDiffusionProcessingImg2Img"]
 
