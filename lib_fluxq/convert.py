@@ -33,7 +33,7 @@ from gguf import GGMLQuantizationType
 from lib_fluxq import __version__
 from lib_fluxq.errors import FluxqError, FormatError, UnsupportedTypeError
 from lib_fluxq.flux import FLUX_MARKER_KEY, FORGE_PREFIX, FluxConfig, flux_param_shapes, is_quantized_by_recipe
-from lib_fluxq.formats import nf4
+from lib_fluxq.formats import detect, nf4
 from lib_fluxq.formats.gguf_write import StreamingGGUFWriter
 from lib_fluxq.formats.safetensors_read import SafetensorsReader
 from lib_fluxq.formats.safetensors_write import StreamingSafetensorsWriter
@@ -171,13 +171,8 @@ class FluxSource:
 def open_source(path: str | os.PathLike[str]) -> FluxSource:
     """Open ``path`` as a Flux transformer source, or raise a FluxqError that names what it is instead."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FormatError(path, "file not found", fix="check the path")
-    if os.path.isdir(path):
-        raise FormatError(path, "is a folder; give the .safetensors or .gguf file of the Flux transformer")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == b"GGUF":
+    # by content, not extension: missing, unreadable, pickle, empty or foreign files get their own one-line message
+    if detect.require_model(path).kind == detect.GGUF:
         return _open_gguf_source(path)
     return _open_safetensors_source(path)
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,7 @@ from typing import Any
 
 from lib_fluxq.errors import FormatError
 from lib_fluxq.flux import FLUX_MARKER_KEY, FORGE_PREFIX
+from lib_fluxq.formats import detect
 from lib_fluxq.formats.gguf_header import read_gguf_header
 from lib_fluxq.formats.safetensors_header import read_safetensors_header
 
@@ -185,43 +187,33 @@ def inspect_file(path: str | os.PathLike[str], hash: bool = False, folder: str |
     """Inspect one file from its header. Never raises for a bad file: the report says ``unreadable: <reason>``."""
     path = os.fspath(path)
     report = FileReport(path=path, folder=folder if folder is not None else _model_folder(path))
-    lower = path.lower()
     try:
-        report.file_size = os.stat(path).st_size
-    except OSError as exc:
-        return _unreadable(report, exc.strerror or str(exc))
-    if lower.endswith(PICKLE_EXTENSIONS) and not os.path.isdir(path):
+        found = detect.identify(path)  # by content: the extension may lie (a .gguf that is HTML, a .ckpt that is not)
+    except FormatError as exc:
+        return _unreadable(report, exc.describe())
+    report.file_size = found.size
+    if found.kind == detect.PICKLE:
         report.format, report.status = "pickle", "skipped"
         report.error = "pickle checkpoint: not inspected (reading it would run its code); convert it to safetensors"
         return report
+    if found.kind not in detect.MODEL_KINDS:
+        return _unreadable(report, detect.not_a_model(found).describe())
     try:
-        if lower.endswith(".gguf") or _starts_with(path, b"GGUF"):
-            report.format = "gguf"
-            tensors = _read_gguf(path, report)
-        else:
-            report.format = "safetensors"
-            tensors = _read_safetensors(path, report)
+        report.format = found.kind
+        tensors = _read_gguf(path, report) if found.kind == detect.GGUF else _read_safetensors(path, report)
         _analyse(report, tensors)
         if hash:
             report.sha256 = _sha256(path)
     except FormatError as exc:
-        return _unreadable(report, exc.reason if exc.tensor is None else f"tensor '{exc.tensor}': {exc.reason}")
+        return _unreadable(report, exc.describe())
     except OSError as exc:
-        return _unreadable(report, exc.strerror or str(exc))
+        return _unreadable(report, detect.path_error(path, exc).describe())
     return report
 
 
 def _unreadable(report: FileReport, reason: str) -> FileReport:
     report.status, report.error = "unreadable", reason
     return report
-
-
-def _starts_with(path: str, magic: bytes) -> bool:
-    try:
-        with open(path, "rb", buffering=0) as f:  # unbuffered: read 4 bytes, not a buffer's worth
-            return f.read(len(magic)) == magic
-    except OSError:
-        return False  # the real reader reports why
 
 
 def _read_gguf(path: str, report: FileReport) -> list[_Tensor]:
@@ -579,11 +571,12 @@ def _model_folder(path: str) -> str | None:
 
 # ------------------------------------------------------------------------------------------------------------- scan
 
-def iter_model_files(path: str | os.PathLike[str]) -> Iterator[str]:
+def iter_model_files(path: str | os.PathLike[str],
+                     folder_errors: list[tuple[str, OSError]] | None = None) -> Iterator[str]:
     """Model files under ``path``: itself if a file, its model folders if a WebUI root, else every file below it.
 
     Symlinked folders are followed once (a loop is cut); a directory whose name ends in a model extension is yielded
-    so that it is reported, not silently skipped.
+    so that it is reported, not silently skipped. Folders that cannot be listed go to ``folder_errors``.
     """
     root = os.fspath(path)
     if not os.path.isdir(root) or root.lower().endswith(INSPECTED_EXTENSIONS + PICKLE_EXTENSIONS):
@@ -593,14 +586,19 @@ def iter_model_files(path: str | os.PathLike[str]) -> Iterator[str]:
         folders = [os.path.join(models, name) for name in MODEL_FOLDERS if os.path.isdir(os.path.join(models, name))]
         if folders and models != root or len(folders) >= 2:
             for folder in folders:
-                yield from _walk(folder)
+                yield from _walk(folder, folder_errors)
             return
-    yield from _walk(root)
+    yield from _walk(root, folder_errors)
 
 
-def _walk(root: str) -> Iterator[str]:
+def _walk(root: str, folder_errors: list[tuple[str, OSError]] | None = None) -> Iterator[str]:
     seen: set[tuple[int, int]] = set()
-    for directory, subdirs, files in os.walk(root, followlinks=True, onerror=None):
+
+    def unlistable(exc: OSError) -> None:
+        if folder_errors is not None:
+            folder_errors.append((exc.filename or root, exc))
+
+    for directory, subdirs, files in os.walk(root, followlinks=True, onerror=unlistable):
         try:
             st = os.stat(directory)
         except OSError:
@@ -616,16 +614,53 @@ def _walk(root: str) -> Iterator[str]:
                 yield os.path.join(directory, name)
 
 
-def scan(paths: Iterable[str | os.PathLike[str]], hash: bool = False) -> list[FileReport]:
-    """Reports for every model file under ``paths`` (files, folders, WebUI roots), in a stable order."""
+_STATUS_ORDER = {"ok": 0, "skipped": 1, "unreadable": 2}
+
+
+@dataclass
+class ScanResult:
+    """``reports``: each real file once, readable first, then skipped (pickles), broken last.
+    ``empty``: the given folders that held no model file."""
+
+    reports: list[FileReport]
+    empty: list[str]
+
+
+def scan_paths(paths: Iterable[str | os.PathLike[str]], hash: bool = False) -> ScanResult:
+    """Reports for every model file under ``paths`` (files, folders, WebUI roots).
+
+    A file reached twice (a symlink to a parent folder, a path given twice, a WebUI root and one of its folders)
+    is reported once, under the first path it was found by. A broken file, an unreadable folder and a path that
+    does not exist are reports with ``status == "unreadable"`` and the reason, listed after the readable ones.
+    """
     reports: list[FileReport] = []
+    empty: list[str] = []
+    seen: set[str] = set()
     for path in paths:
-        if not os.path.exists(path) and not os.path.islink(path):
-            reports.append(FileReport(path=os.fspath(path), status="unreadable", error="no such file or folder"))
-            continue
-        for file_path in iter_model_files(path):
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            candidates: Iterable[str] = [path]  # a file, or a broken path: inspect_file says what is wrong
+        else:
+            folder_errors: list[tuple[str, OSError]] = []
+            candidates = list(iter_model_files(path, folder_errors))
+            for folder, exc in folder_errors:
+                reports.append(FileReport(path=folder, status="unreadable",
+                                          error="folder " + detect.path_error(folder, exc).describe()))
+            if not candidates and not folder_errors:
+                empty.append(path)
+        for file_path in candidates:
+            key = os.path.realpath(file_path) if os.path.exists(file_path) else os.path.abspath(file_path)
+            if key in seen:
+                continue
+            seen.add(key)
             reports.append(inspect_file(file_path, hash=hash))
-    return reports
+    reports.sort(key=lambda r: _STATUS_ORDER.get(r.status, len(_STATUS_ORDER)))  # stable: scan order kept within
+    return ScanResult(reports, empty)
+
+
+def scan(paths: Iterable[str | os.PathLike[str]], hash: bool = False) -> list[FileReport]:
+    """Reports for every model file under ``paths``: each real file once, broken files last (see ``scan_paths``)."""
+    return scan_paths(paths, hash=hash).reports
 
 
 # -------------------------------------------------------------------------------------------------------------- CLI
@@ -638,15 +673,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    reports = scan(args.paths, hash=args.hash)
+    """Table (or JSON) of every file; exit 1 when a file is unreadable or nothing was found.
+
+    When nothing readable was found there is no table: each problem is one ``error:`` line naming the path.
+    """
+    result = scan_paths(args.paths, hash=args.hash)
+    reports = result.reports
+    problems = [f"error: {path}: no model files (.safetensors, .gguf) in this folder (give the folder or file that "
+                "holds your models)" for path in result.empty]
+    readable = any(r.status == "ok" for r in reports)
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=2))
-    else:
+    elif readable:
         print(format_table(reports))
-    if not reports:
-        print("no model files found")
-        return 1
-    return 0
+    else:
+        problems += [f"error: {r.path}: {r.error}" for r in reports]
+    for line in problems:
+        print(line, file=sys.stderr)
+    return 0 if readable and all(r.status != "unreadable" for r in reports) and not result.empty else 1
 
 
 def format_table(reports: list[FileReport]) -> str:
@@ -677,7 +721,7 @@ def format_table(reports: list[FileReport]) -> str:
             lines.append(f"sha256: {r.sha256}")
         lines.extend(f"note: {n}" for n in r.notes)
         extra.append(lines)
-    widths = [max(len(header[i]), *(len(row[i]) for row in rows if len(row) > 2 and i < len(row)))
+    widths = [max([len(header[i])] + [len(row[i]) for row in rows if len(row) > 2])
               for i in range(len(header) - 1)]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False)) + "  " + header[-1]]
     for row, lines in zip(rows, extra, strict=True):

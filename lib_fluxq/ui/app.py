@@ -52,18 +52,44 @@ def build_app(models_dir: str) -> gr.Blocks:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise FluxqError("the ui command needs gradio: pip install gradio==4.40.0 (Forge's version)") from None
     models = os.path.abspath(args.models)
-    if os.path.exists(models) and not os.path.isdir(models):
-        raise FluxqError(f"--models {models}: not a folder (give the WebUI's models folder)")
+    _check_models_folder(models)
     if not 0 <= args.port <= 65535:
         raise FluxqError(f"--port {args.port}: give a port between 1 and 65535 (0: any free port)")
+    _import_gradio()
     app = build_app(models)
     app.queue()
     print(f"Flux Quant for {models}")
     app.launch(server_name=args.host, server_port=args.port or None, inbrowser=False, show_api=False,
                quiet=False)
     return 0
+
+
+def _check_models_folder(models: str) -> None:
+    """A folder, or nothing yet (created on the first download); anything else is named with what it is."""
+    if os.path.isdir(models):
+        return
+    if os.path.lexists(models):  # a file, a pipe, a dangling link or a link loop: not a place for models
+        try:
+            os.stat(models)
+        except OSError as exc:
+            from lib_fluxq.formats.detect import path_error
+
+            raise FluxqError(f"--models {path_error(models, exc)}") from None
+        raise FluxqError(f"--models {models}: is not a folder (give the WebUI's models folder)")
+
+
+def _import_gradio() -> None:
+    """Import gradio, or say what is wrong: not installed, or installed but failing on import (e.g. a
+    huggingface_hub without ``HfFolder``, which gradio 4.40 imports), with the real error."""
+    try:
+        import gradio  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name == "gradio":
+            raise FluxqError("the ui command needs gradio: pip install -r requirements-ui.txt (gradio 4.40.0, "
+                             "Forge's version)") from None
+        raise FluxqError(f"gradio is installed but cannot be imported: {exc}; install the versions it was tested "
+                         "with: pip install -r requirements-ui.txt") from None
+    except ImportError as exc:
+        raise FluxqError(f"gradio is installed but cannot be imported: {exc}; install the versions it was tested "
+                         "with: pip install -r requirements-ui.txt") from None
