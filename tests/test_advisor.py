@@ -316,7 +316,7 @@ def test_models_folder_unlistable(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     # Root ignores permission bits, so simulate the OS refusing to list the folder.
     def refuse(path: str) -> list[str]:
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(advisor.os, "listdir", refuse)
+    monkeypatch.setattr(os, "listdir", refuse)
     with pytest.raises(FluxqError, match="cannot list"):
         advisor.scan_models(str(tmp_path))
 
@@ -349,7 +349,7 @@ def test_gpu_weights_for_a_file_follow_its_level(tmp_path: Path, monkeypatch: py
     class Loaded:  # what Forge's loaded model exposes
         sd_checkpoint_info = type("Info", (), {"filename": str(path)})()
 
-    monkeypatch.setattr(advisor, "detect", lambda *_: hardware)
+    monkeypatch.setattr(advisor.plan, "detect", lambda *_: hardware)
     assert advisor.gpu_weights_mb_for_loaded_model(Loaded()) == planned.gpu_weights_mb.value
     assert advisor.gpu_weights_mb_for_loaded_model(object()) is None
     assert advisor.gpu_weights_mb_for_file(str(path), card(24, backend="cpu")) is None
@@ -368,3 +368,100 @@ def test_card_independent_vram_need_is_the_planners_need(level: str) -> None:
     assert advisor.transformer_vram_gb(level, weights, 512, 768) < need
     with pytest.raises(FluxqError, match="unknown weight level 'Q9'"):
         advisor.transformer_vram_gb("Q9", weights)
+
+
+# ------------------------------------------------------------------------------------ issue 17: advise's bad input
+def test_unknown_gpu_without_vram_asks_for_vram() -> None:
+    """An unknown card name alone cannot be planned for: one error line asking for --vram, no plan, no header."""
+    result = run_cli("--gpu", "RTX 9999")
+    assert result.returncode == 1, result.stdout
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --gpu 'RTX 9999' is not a card") and "--vram" in lines[0]
+    planned = run_cli("--gpu", "RTX 9999", "--vram", "10", "--ram", "32", "--json")
+    assert planned.returncode == 0, planned.stderr
+    data = json.loads(planned.stdout)
+    assert data["vram_gb"] == 10 and data["recommended"]["value"] in LEVELS and data["profile_assumed"]
+
+
+def test_planner_for_an_unknown_card_without_vram_says_so() -> None:
+    """The tab passes overrides straight to the Planner: an unknown name without VRAM is a reason, not a CPU plan."""
+    cpu = Hardware(backend="cpu", ram_total=32 * GIB, cpu_cores=4)
+    result = advise(with_overrides(cpu, gpu_name="RTX 9999"))
+    assert result.recommended.value is None and not result.cpu_only
+    assert "'RTX 9999' is not a card the advisor knows" in result.recommended.reason
+    assert "VRAM" in result.recommended.reason and "CPU" not in result.summary
+
+
+def test_models_folder_lists_broken_files_last(tmp_path: Path) -> None:
+    """advise --models: a truncated download and an empty file are listed as unreadable, with the inspector's
+    reason, after every readable file (they no longer vanish from the ranking)."""
+    import gguf
+
+    from tests.fixtures import random_flux_state_dict, recipe_qtype, write_gguf
+    good = tmp_path / "b-flux-Q4_0.gguf"
+    write_gguf(good, random_flux_state_dict(), recipe_qtype(gguf.GGMLQuantizationType.Q4_0))
+    (tmp_path / "a-truncated-Q8_0.gguf").write_bytes(good.read_bytes()[:2000])
+    (tmp_path / "c-empty.safetensors").write_bytes(b"")
+    result = run_cli("--models", str(tmp_path), "--vram", "12", "--ram", "32", "--json")
+    assert result.returncode == 0, result.stderr
+    files = json.loads(result.stdout)["files"]
+    assert [f["name"] for f in files][-2:] == ["a-truncated-Q8_0.gguf", "c-empty.safetensors"]
+    assert files[0]["name"] == "b-flux-Q4_0.gguf" and files[0]["verdict"] != "unreadable"
+    for broken in files[-2:]:
+        assert broken["verdict"] == "unreadable" and broken["reason"], broken
+    text = run_cli("--models", str(tmp_path), "--vram", "12", "--ram", "32").stdout
+    listed = [line for line in text.splitlines() if "a-truncated-Q8_0.gguf" in line]
+    assert len(listed) == 1 and listed[0].lstrip().startswith("unreadable")
+
+
+# ------------------------------------------------------------------- issue 16 item 9: RAM as the user will see it
+# Real-WebUI measurements (issue 16 / NEO_NOTES §2): peak RSS (GB) for the four files (GB) they loaded.
+MEASURED_RAM_PEAKS = {("forge", "host", "baked"): (17.0, 9.55), ("forge", "host", "mapped"): (21.3, 11.8),
+                      ("forge", "fluxq", "mapped"): (14.8, 11.8), ("neo", "host", "baked"): (18.2, 9.55),
+                      ("neo", "host", "mapped"): (16.7, 11.8)}
+
+
+@pytest.mark.parametrize("key", sorted(MEASURED_RAM_PEAKS))
+def test_ram_peak_factors_are_the_measured_ones(key: tuple[str, str, str]) -> None:
+    peak_gb, files_gb = MEASURED_RAM_PEAKS[key]
+    row = advisor.RAM_PEAKS[key]
+    assert row.measured and row.factor == pytest.approx(peak_gb / files_gb, rel=0.02), (key, row)
+    assert f"{peak_gb:.1f} GB" in row.source
+
+
+def test_ram_peak_follows_host_loader_and_type() -> None:
+    hardware = card(12, "RTX 3060", ram_gb=32)
+    fluxq, alone = Planner(hardware), Planner(hardware, fluxq_loading=False)
+    neo = Planner(hardware, host="neo", fluxq_loading=False)
+    files = 12 * 10 ** 9
+    q5, q4 = LEVELS["Q5_1"], LEVELS["Q4_0"]
+    assert fluxq.load_peak_bytes(q5, files) < alone.load_peak_bytes(q5, files)   # memory-mapped, not copied
+    assert fluxq.load_peak_bytes(q4, files) < alone.load_peak_bytes(q4, files)   # no double residency at bake
+    assert neo.load_peak_bytes(q5, files) < alone.load_peak_bytes(q5, files)     # Neo maps GGUFs itself
+    assert fluxq.ram_peak(q4) is advisor.RAM_PEAKS[("forge", "fluxq", "baked")]
+    assert fluxq.ram_peak(q5) is advisor.RAM_PEAKS[("forge", "fluxq", "mapped")]
+    assert fluxq.ram_peak(LEVELS["NF4"]) is advisor.SAFETENSORS_RAM_PEAK
+    with pytest.raises(FluxqError, match="unknown host"):
+        Planner(hardware, host="comfy")
+
+
+def test_ram_warning_is_what_fluxq_users_see() -> None:
+    """The old warning ("peaks at ~33 GB of RAM (2.63x, measured)") assumed Forge's own loading even with fluxq
+    installed. With fluxq a 32 GB machine loads the 24 GB plan's files without a warning; the host alone would not."""
+    with_fluxq = advise(card(24, "RTX 4090", ram_gb=32))
+    assert not any("RAM" in w for w in with_fluxq.warnings), with_fluxq.warnings
+    assert "2.63" not in json.dumps(with_fluxq.to_dict())
+    numbers = with_fluxq.text_encoder.numbers
+    assert numbers["ram_load_peak_gb"] <= 32
+    alone = advise(card(24, "RTX 4090", ram_gb=32), fluxq_loading=False)
+    assert alone.text_encoder.numbers["ram_load_peak_gb"] > numbers["ram_load_peak_gb"]
+    tight = advise(card(12, "RTX 3060", ram_gb=16), fluxq_loading=False)
+    warning = next(w for w in tight.warnings if "peaks at" in w)
+    assert "Forge without fluxq" in warning and ("1.81x" in warning or "1.78x" in warning), warning
+
+
+def test_text_encoder_precision_keeps_the_load_within_ram() -> None:
+    result = advise(card(12, "RTX 3060", ram_gb=16))
+    assert result.text_encoder.value["t5"] != "fp16"
+    assert "while loading" in result.text_encoder.reason

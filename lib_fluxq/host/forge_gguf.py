@@ -50,16 +50,19 @@ class FluxqQuant:
         return parent
 
 
-def extra_quant_classes() -> dict[Any, type]:
-    """A Forge-compatible class for every quantized type in our table (IQ4_NL, IQ4_XS, ...), keyed by the
-    ``gguf.GGMLQuantizationType`` of the gguf-py in use (Forge's vendored copy inside Forge)."""
-    import gguf
+def extra_quant_classes(qtype_enum: Any = None) -> dict[Any, type]:
+    """A Forge-compatible class for every quantized type in our table (IQ4_NL, IQ4_XS, ...), keyed by
+    ``qtype_enum``: the GGMLQuantizationType the host's type table uses (Neo's vendored gguf is a second module
+    object whose enum members never equal a plain ``import gguf``'s); default: the gguf-py ``import gguf`` gives."""
+    if qtype_enum is None:
+        import gguf
+        qtype_enum = gguf.GGMLQuantizationType
 
     classes: dict[Any, type] = {}
     for qtype, fmt in FORMATS.items():
-        if qtype.name in _FLOAT_NAMES or not hasattr(gguf.GGMLQuantizationType, qtype.name):
+        if qtype.name in _FLOAT_NAMES or not hasattr(qtype_enum, qtype.name):
             continue
-        key = gguf.GGMLQuantizationType[qtype.name]
+        key = qtype_enum[qtype.name]
         classes[key] = type(qtype.name, (FluxqQuant,), {"qtype": qtype, "block_size": fmt.block_size,
                                                         "type_size": fmt.type_size})
     return classes
