@@ -629,31 +629,32 @@ class ScanResult:
 def scan_paths(paths: Iterable[str | os.PathLike[str]], hash: bool = False) -> ScanResult:
     """Reports for every model file under ``paths`` (files, folders, WebUI roots).
 
-    A file reached twice (a symlink to a parent folder, a path given twice, a WebUI root and one of its folders)
-    is reported once, under the first path it was found by. A broken file, an unreadable folder and a path that
-    does not exist are reports with ``status == "unreadable"`` and the reason, listed after the readable ones.
+    A file reached twice (a symlink to a parent folder or to the file, a path given twice, a WebUI root and one of
+    its folders) is reported once: under its own path when that path was found, else under the first path found.
+    A broken file, an unreadable folder and a path that does not exist are reports with ``status == "unreadable"``
+    and the reason, listed after the readable ones.
     """
-    reports: list[FileReport] = []
+    found: dict[str, str] = {}  # real file -> the path it is reported under (insertion order = scan order)
+    folder_reports: list[FileReport] = []
     empty: list[str] = []
-    seen: set[str] = set()
     for path in paths:
         path = os.fspath(path)
         if not os.path.isdir(path):
-            candidates: Iterable[str] = [path]  # a file, or a broken path: inspect_file says what is wrong
+            candidates: list[str] = [path]  # a file, or a broken path: inspect_file says what is wrong
         else:
             folder_errors: list[tuple[str, OSError]] = []
             candidates = list(iter_model_files(path, folder_errors))
             for folder, exc in folder_errors:
-                reports.append(FileReport(path=folder, status="unreadable",
-                                          error="folder " + detect.path_error(folder, exc).describe()))
+                folder_reports.append(FileReport(path=folder, status="unreadable",
+                                                 error="folder " + detect.path_error(folder, exc).describe()))
             if not candidates and not folder_errors:
                 empty.append(path)
         for file_path in candidates:
-            key = os.path.realpath(file_path) if os.path.exists(file_path) else os.path.abspath(file_path)
-            if key in seen:
-                continue
-            seen.add(key)
-            reports.append(inspect_file(file_path, hash=hash))
+            real = os.path.realpath(file_path)
+            key = real if os.path.exists(file_path) else os.path.abspath(file_path)
+            if key not in found or (real == os.path.abspath(file_path) != os.path.abspath(found[key])):
+                found[key] = file_path  # first path found, or the file's own path over a link to it
+    reports = [inspect_file(file_path, hash=hash) for file_path in found.values()] + folder_reports
     reports.sort(key=lambda r: _STATUS_ORDER.get(r.status, len(_STATUS_ORDER)))  # stable: scan order kept within
     return ScanResult(reports, empty)
 

@@ -35,7 +35,7 @@ COMMANDS = {
 }
 # inputs a command accepts as they are: an empty folder is a valid (empty) models folder for advise and the tab, and
 # the tab creates a missing models folder on its first download.
-ACCEPTED = {"advise": {"empty_folder"}, "ui": {"empty_folder", "missing"}}
+ACCEPTED = {"advise": {"empty_folder", "directory_as_file"}, "ui": {"empty_folder", "directory_as_file", "missing"}}
 
 
 def _build_inputs(root: Path) -> dict[str, Path]:
@@ -138,11 +138,11 @@ def broken(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
 
 def test_every_command_gives_one_line_for_every_broken_input(broken) -> None:
     root, cases = broken
+    cwd = root / "cwd"  # outputs would land next to the source or here: nothing may appear anywhere
+    cwd.mkdir(exist_ok=True)
     before = _fingerprint(root)
     jobs = [(command, kind, path) for command in COMMANDS for kind, path in cases.items()
             if kind not in ACCEPTED.get(command, ())]
-    cwd = root / "cwd"  # outputs would land next to the source or here: nothing may appear anywhere
-    cwd.mkdir()
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(lambda job: _run(COMMANDS[job[0]](str(job[2])), cwd), jobs))
     failures = []
@@ -229,13 +229,14 @@ print("TORCH" if "torch" in sys.modules else "NO-TORCH", code, file=sys.stderr)
 
 
 def test_errors_and_header_only_work_do_not_import_torch(broken, tmp_path) -> None:
-    """Argument errors of every command, file errors of inspect / compare, and inspect's header-only work answer
-    without importing torch (its import alone takes seconds)."""
+    """Argument errors of every command, file errors of inspect / convert / compare, and inspect's header-only work
+    answer without importing torch (its import alone takes seconds)."""
     root, cases = broken
     good = root / "src" / "good.safetensors"
     runs = [
         ["inspect"], ["inspect", str(root / "src")], ["inspect", str(cases["passwd_text"])],
         ["compare", "--blocks", "two"], ["compare", str(cases["empty_gguf"])], ["compare", "--res", "100x100"],
+        ["convert", str(good)], ["convert", str(cases["random_gguf"]), "--to", "Q8_0"],
         ["advise", "--vram", "lots"], ["ui", "--port", "99999"], ["ui", "--models", str(good)],
         ["nonsense-command"],
     ]
@@ -245,3 +246,23 @@ def test_errors_and_header_only_work_do_not_import_torch(broken, tmp_path) -> No
                                         capture_output=True, text=True, timeout=120), runs))
     for argv, done in zip(runs, results, strict=True):
         assert "NO-TORCH" in done.stderr, (argv, done.stderr[-500:])
+
+
+def test_ui_names_the_real_import_error(tmp_path) -> None:
+    """gradio installed but failing on import (as gradio 4.40 does with a huggingface_hub that lacks HfFolder) is
+    reported with that error, not as "needs gradio"; a missing gradio says how to install it."""
+    fake = tmp_path / "site" / "gradio"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("from huggingface_hub import HfFolderThatDoesNotExist  # noqa\n")
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(REPO)])}
+    done = subprocess.run([sys.executable, "-m", "lib_fluxq", "ui", "--models", str(tmp_path / "models")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "gradio is installed but cannot be imported" in done.stderr and "HfFolderThatDoesNotExist" in done.stderr
+    assert "requirements-ui.txt" in done.stderr
+    missing = ("import sys; sys.modules['gradio'] = None; from lib_fluxq.__main__ import main; "
+               "sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", missing, "ui", "--models", str(tmp_path / "models")], env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "the ui command needs gradio" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "models").exists()  # nothing created when the app cannot start

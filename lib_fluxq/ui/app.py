@@ -7,7 +7,9 @@ the network unless you pass ``--host 0.0.0.0`` yourself.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import stat
 from typing import TYPE_CHECKING
 
 from lib_fluxq.errors import FluxqError
@@ -67,15 +69,15 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_models_folder(models: str) -> None:
     """A folder, or nothing yet (created on the first download); anything else is named with what it is."""
-    if os.path.isdir(models):
-        return
-    if os.path.lexists(models):  # a file, a pipe, a dangling link or a link loop: not a place for models
-        try:
-            os.stat(models)
-        except OSError as exc:
-            from lib_fluxq.formats.detect import path_error
+    try:
+        mode = os.stat(models).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ENOENT and not os.path.islink(models):
+            return  # created on the first download
+        from lib_fluxq.formats.detect import path_error
 
-            raise FluxqError(f"--models {path_error(models, exc)}") from None
+        raise FluxqError(f"--models {path_error(models, exc)}") from None
+    if not stat.S_ISDIR(mode):
         raise FluxqError(f"--models {models}: is not a folder (give the WebUI's models folder)")
 
 
