@@ -323,7 +323,7 @@ COMPANIONS: dict[str, Companion] = {c.key: c for c in (
         Signature(dims=((_VAE_IN, 1, (32,)),)), "latent channels", 32,
         "bf16 / fp32 safetensors, BFL or diffusers (AutoencoderKLFlux2) names",
         downloads=(Download("Comfy-Org/Flux-2-Klein-4B", "split_files/vae/flux2-vae.safetensors", 0.34, APACHE,
-                            "bf16", note="the same file serves FLUX.2 dev and both Klein sizes"),)),
+                            "fp32", note="the same file serves FLUX.2 dev and both Klein sizes"),)),
     # Parts of SD checkpoints: recognised so pairing can leave them out of Flux loads (no downloads offered).
     Companion("sd_vae", "SD VAE (4 ch)", "vae", Signature(dims=((_VAE_IN, 1, (4,)),)), "latent channels", 4,
               "any"),
@@ -371,10 +371,6 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
             *(_city96("dev", level, gb, DEV_LICENCE) for level, gb in _DEV_GGUF_GB),
             Download("lllyasviel/flux1-dev-bnb-nf4", "flux1-dev-bnb-nf4-v2.safetensors", 12.0, DEV_LICENCE,
                      "NF4 v2", note="all-in-one: includes T5 fp8, CLIP-L and the VAE; NVIDIA GPU (bitsandbytes)"),
-            Download("nunchaku-tech/nunchaku-flux.1-dev", "svdq-int4_r32-flux.1-dev.safetensors", 6.77, DEV_LICENCE,
-                     "SVDQ INT4", note="Nunchaku: Forge Neo with the nunchaku package, RTX 20-40"),
-            Download("nunchaku-tech/nunchaku-flux.1-dev", "svdq-fp4_r32-flux.1-dev.safetensors", 7.04, DEV_LICENCE,
-                     "SVDQ FP4", size_source="estimated", note="Nunchaku: Forge Neo, RTX 50 (Blackwell)"),
         )),
     Family(
         "flux-schnell", "FLUX.1 [schnell]", "flux1", _flux1(64, guidance=False), _FLUX1_PARTS,

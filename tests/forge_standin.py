@@ -3,7 +3,8 @@ at commit dfdcbab6 (2025-06-26): modules/sd_models.py (model_data, forge_model_r
 binding of forge_model_reload, create_infotext's "Module N" from the user's selection), backend/loader.py
 (split_state_dict, replace_state_dict's key sniffing, forge_loader and its component assertions), backend/utils.py
 (load_torch_file), backend/operations_gguf.py (``import gguf``, quants_mapping, ParameterGGUF, dequantize_tensor, the
-quant-class protocol of packages_3rdparty/gguf/quants.py), backend/patcher/lora.py (LoraLoader.refresh's GGUF
+quant-class protocol of packages_3rdparty/gguf/quants.py, with the byte rewriting of its bake_inner for Q4_0 / Q4_1 /
+Q8_0 / Q4_K), backend/operations.py (ForgeOperationsGGUF.Linear), backend/patcher/lora.py (LoraLoader.refresh's GGUF
 branch), backend/args.py (dynamic_args, a dict), modules_forge/main_entry.py (module_list, refresh_models,
 refresh_model_loading_parameters, checkpoint_change / modules_change without a preset, total_vram,
 refresh_memory_management_settings), modules_forge/main_thread.py (Task.work: print_exc + print(e), the exception
@@ -12,7 +13,9 @@ object kept in last_exception), and what both Forge and Neo keep from A1111 (tes
 Written from reading that source, not copied. Each module-level binding is a separate attribute on its own fake
 module, and callers look names up through their own module (as Python does for ``from x import f``), so a hook that
 wraps only one binding is caught. Quant classes dequantize/quantize with gguf-py's numpy reference (Forge's own
-torch kernels are its business; what matters here is the protocol), and "bake" keeps GGML layout.
+torch kernels are its business; what matters here is the protocol), except for the four types Forge rewrites at
+bake (Q4_0, Q4_1, Q8_0, Q4_K): their bake_inner re-lays the bytes and their dequantizers read that layout in the
+computation dtype, as Forge's do.
 
 Also builds small files with the exact key layouts of the real ones (flux transformer, clip_l, t5xxl, ae, SD VAE,
 SD1.5/SDXL/SD3 checkpoints) — only names and the shapes Forge sniffs are real; the rest is tiny.
@@ -41,7 +44,8 @@ LOW_BIT_LORA_MESSAGE = ('Low bit LoRA for this data type is not implemented yet.
 T = gguf.GGMLQuantizationType
 MODULE_NAMES = (*webui.A1111_MODULES, "modules.processing", "modules_forge", "modules_forge.main_entry",
                 "modules_forge.main_thread", "backend", "backend.args", "backend.utils", "backend.loader",
-                "backend.operations_gguf", "backend.patcher", "backend.patcher.lora", "backend.diffusion_engine",
+                "backend.operations_gguf", "backend.operations", "backend.patcher", "backend.patcher.lora",
+                "backend.diffusion_engine",
                 "backend.diffusion_engine.flux")
 
 
@@ -55,7 +59,10 @@ def _mod(name: str) -> Any:
 
 class _Quant:
     """Mirrors packages_3rdparty/gguf/quants.py __Quant: bake once, dequantize_pytorch per forward,
-    quantize_pytorch after a LoRA merge (abstract quantize_blocks_pytorch -> Forge's NotImplementedError)."""
+    quantize_pytorch after a LoRA merge (abstract quantize_blocks_pytorch -> Forge's NotImplementedError).
+
+    Types without a ``bake_inner`` keep GGML layout and dequantize with gguf-py's numpy reference; the four Forge
+    rewrites at bake (``_Baked*`` below) get Forge's layout and Forge's half-precision arithmetic."""
 
     qtype: Any
     block_size: int
@@ -79,8 +86,12 @@ class _Quant:
     def dequantize_pytorch(cls, x: Any) -> torch.Tensor:
         if not x.baked:
             raise ValueError('GGUF Tensor is not baked!')
-        values = gguf.quants.dequantize(x.data.cpu().numpy().reshape(-1), cls.qtype)
-        return torch.from_numpy(values.reshape(tuple(x.shape))).to(x.computation_dtype)
+        return cls.dequantize_blocks_pytorch(x.data, x).reshape(tuple(x.shape))
+
+    @classmethod
+    def dequantize_blocks_pytorch(cls, blocks: torch.Tensor, parameter: Any) -> torch.Tensor:
+        values = gguf.quants.dequantize(blocks.cpu().numpy().reshape(-1), cls.qtype)
+        return torch.from_numpy(values).to(parameter.computation_dtype)
 
     @classmethod
     def quantize_pytorch(cls, data: torch.Tensor, parent: Any) -> Any:
@@ -96,15 +107,111 @@ class _Quant:
         raise NotImplementedError(LOW_BIT_LORA_MESSAGE)
 
 
+# What Forge's bake_inner does to the bytes (quants.py Q4_0 / Q4_1 / Q8_0 / Q4_K at dfdcbab6, re-written here):
+# fp16 scales re-encoded in the computation dtype (bf16 / fp16), 4-bit values re-packed so that byte k holds
+# elements 2k (low nibble) and 2k+1 (high nibble) instead of GGML's "low nibbles first, high nibbles second",
+# and Q4_K's 6-bit sub-block scales multiplied out into 8 + 8 computation-dtype values (160 bytes per block,
+# not 144). Forge's dequantizers then read that layout and compute in the computation dtype.
+
+def _as_dtype_bytes(fp16_bytes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return fp16_bytes.contiguous().view(torch.float16).to(dtype).view(torch.uint8)
+
+
+def _element_order_pairs(ggml_nibbles: torch.Tensor) -> torch.Tensor:
+    """``(n, ..., k)`` GGML nibble bytes (lows = first k elements, highs = next k) -> ``(n, ..., k)`` bytes whose
+    byte j packs elements 2j and 2j+1."""
+    values = torch.cat((ggml_nibbles & 15, ggml_nibbles >> 4), dim=-1)
+    return values[..., 0::2] | (values[..., 1::2] << 4)
+
+
+def _unpack_pairs(pairs: torch.Tensor) -> torch.Tensor:
+    """Inverse of the packing above: ``(n, k)`` bytes -> ``(n, 2k)`` 4-bit values in element order."""
+    return torch.stack((pairs & 15, pairs >> 4), dim=-1).reshape(pairs.shape[0], -1)
+
+
+def _k4_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    low, mid, high = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
+    sc = torch.cat((low & 63, (high & 15) | ((low >> 6) << 4)), dim=-1)
+    mn = torch.cat((mid & 63, (high >> 4) | ((mid >> 6) << 4)), dim=-1)
+    return sc, mn
+
+
+class _BakedQ8_0(_Quant):
+    @classmethod
+    def bake_inner(cls, parameter: Any) -> None:
+        blocks, dtype = parameter.data, parameter.computation_dtype
+        parameter.data = torch.cat((_as_dtype_bytes(blocks[:, :2], dtype), blocks[:, 2:]), dim=-1).contiguous()
+
+    @classmethod
+    def dequantize_blocks_pytorch(cls, blocks: torch.Tensor, parameter: Any) -> torch.Tensor:
+        dtype = parameter.computation_dtype
+        d = blocks[:, :2].contiguous().view(dtype)
+        return blocks[:, 2:].view(torch.int8) * d
+
+
+class _BakedQ4_0(_Quant):
+    @classmethod
+    def bake_inner(cls, parameter: Any) -> None:
+        blocks, dtype = parameter.data, parameter.computation_dtype
+        parameter.data = torch.cat((_as_dtype_bytes(blocks[:, :2], dtype), _element_order_pairs(blocks[:, 2:])),
+                                   dim=-1).contiguous()
+
+    @classmethod
+    def dequantize_blocks_pytorch(cls, blocks: torch.Tensor, parameter: Any) -> torch.Tensor:
+        d = blocks[:, :2].contiguous().view(parameter.computation_dtype)
+        return d * (_unpack_pairs(blocks[:, 2:]).view(torch.int8) - 8)
+
+
+class _BakedQ4_1(_Quant):
+    @classmethod
+    def bake_inner(cls, parameter: Any) -> None:
+        blocks, dtype = parameter.data, parameter.computation_dtype
+        parameter.data = torch.cat((_as_dtype_bytes(blocks[:, :2], dtype), _as_dtype_bytes(blocks[:, 2:4], dtype),
+                                    _element_order_pairs(blocks[:, 4:])), dim=-1).contiguous()
+
+    @classmethod
+    def dequantize_blocks_pytorch(cls, blocks: torch.Tensor, parameter: Any) -> torch.Tensor:
+        dtype = parameter.computation_dtype
+        d, m = blocks[:, :2].contiguous().view(dtype), blocks[:, 2:4].contiguous().view(dtype)
+        return d * _unpack_pairs(blocks[:, 4:]) + m
+
+
+class _BakedQ4_K(_Quant):
+    @classmethod
+    def bake_inner(cls, parameter: Any) -> None:
+        blocks, dtype = parameter.data, parameter.computation_dtype
+        n = blocks.shape[0]
+        d = blocks[:, 0:2].contiguous().view(torch.float16).to(dtype)
+        dmin = blocks[:, 2:4].contiguous().view(torch.float16).to(dtype)
+        sc, mn = _k4_scales(blocks[:, 4:16])
+        pairs = _element_order_pairs(blocks[:, 16:].reshape(n, 4, 32)).reshape(n, 128)
+        parameter.data = torch.cat(((d * sc).to(dtype).view(torch.uint8), (dmin * mn).to(dtype).view(torch.uint8),
+                                    pairs), dim=-1).contiguous()
+
+    @classmethod
+    def dequantize_blocks_pytorch(cls, blocks: torch.Tensor, parameter: Any) -> torch.Tensor:
+        dtype, n = parameter.computation_dtype, blocks.shape[0]
+        d = blocks[:, 0:16].contiguous().view(dtype).reshape(n, 8, 1)
+        dm = blocks[:, 16:32].contiguous().view(dtype).reshape(n, 8, 1)
+        return (d * _unpack_pairs(blocks[:, 32:]).reshape(n, 8, 32) - dm).reshape(n, 256)
+
+
+FORGE_BAKED = {T.Q8_0: _BakedQ8_0, T.Q4_0: _BakedQ4_0, T.Q4_1: _BakedQ4_1, T.Q4_K: _BakedQ4_K}
+
+
 def _quant_class(qtype: Any, can_quantize: bool) -> type:
     namespace: dict[str, Any] = {"qtype": qtype, "block_size": gguf.GGML_QUANT_SIZES[qtype][0],
                                  "type_size": gguf.GGML_QUANT_SIZES[qtype][1]}
-    if can_quantize:   # Forge implements these three only
+    base = FORGE_BAKED.get(qtype, _Quant)
+    if can_quantize:   # Forge implements these three only; Q4_0 / Q8_0 write the baked layout directly
         def quantize_blocks_pytorch(cls, blocks, block_size, type_size, parent):
-            packed = gguf.quants.quantize(blocks.float().cpu().numpy(), cls.qtype)
-            return torch.from_numpy(packed.reshape(-1, type_size))
+            packed = torch.from_numpy(gguf.quants.quantize(blocks.float().cpu().numpy(), cls.qtype))
+            holder = types.SimpleNamespace(data=packed.reshape(-1, type_size),
+                                           computation_dtype=parent.computation_dtype)
+            cls.bake_inner(holder)
+            return holder.data
         namespace["quantize_blocks_pytorch"] = classmethod(quantize_blocks_pytorch)
-    return type(qtype.name, (_Quant,), namespace)
+    return type(qtype.name, (base,), namespace)
 
 
 FORGE_GGUF_TYPES = (T.Q2_K, T.Q3_K, T.Q4_0, T.Q4_K, T.Q4_1, T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q8_0, T.BF16)
@@ -146,6 +253,24 @@ def dequantize_tensor(tensor: Any) -> Any:
     if tensor is None or getattr(tensor, "gguf_cls", None) is None:
         return tensor
     return tensor.gguf_cls.dequantize_pytorch(tensor)
+
+
+class ForgeOperationsGGUF:
+    """backend/operations.py ForgeOperationsGGUF.Linear: the GGUF layer's forward dequantizes its weight through
+    ``dequantize_tensor`` (weights_manual_cast -> get_weight_and_bias), casts it to the input's dtype and device
+    (a no-op when they already match) and calls F.linear."""
+
+    class Linear(torch.nn.Module):
+        def __init__(self, weight: Any, bias: torch.Tensor | None = None) -> None:
+            super().__init__()
+            self.weight = weight
+            self.bias = bias
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            weight = _mod("backend.operations_gguf").dequantize_tensor(self.weight)
+            weight = weight.to(device=x.device, dtype=x.dtype)
+            bias = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
+            return torch.nn.functional.linear(x, weight, bias)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -524,6 +649,7 @@ def install(models_path: Path) -> dict[str, types.ModuleType]:
     og.quants_mapping = {q: _quant_class(q, q in FORGE_REQUANT_TYPES) for q in FORGE_GGUF_TYPES}
     og.ParameterGGUF = ParameterGGUF
     og.dequantize_tensor = dequantize_tensor
+    m["backend.operations"].ForgeOperationsGGUF = ForgeOperationsGGUF
     m["backend.utils"].load_torch_file = load_torch_file
     loader = m["backend.loader"]
     loader.load_torch_file = load_torch_file

@@ -237,9 +237,6 @@ def test_resolve_level(text: str, name: str) -> None:
 
 
 def test_models_folder_through_inspector(tmp_path: Path) -> None:
-    inspect = pytest.importorskip("lib_fluxq.inspect")
-    if not hasattr(inspect, "scan"):
-        pytest.skip("lib_fluxq.inspect.scan not available")
     import gguf
 
     from tests.fixtures import random_flux_state_dict, recipe_qtype, write_gguf
@@ -465,3 +462,115 @@ def test_text_encoder_precision_keeps_the_load_within_ram() -> None:
     result = advise(card(12, "RTX 3060", ram_gb=16))
     assert result.text_encoder.value["t5"] != "fp16"
     assert "while loading" in result.text_encoder.reason
+
+
+# ------------------------------------------------------------------------------ issue 15: every family and format
+from lib_fluxq.families import FAMILIES  # noqa: E402
+
+PLANNED = [key for key, fam in FAMILIES.items() if fam.geometry is not None and fam.same_weights_as is None]
+
+
+@pytest.mark.parametrize("family", PLANNED)
+@pytest.mark.parametrize("vram_gb", [6, 8, 12, 16, 24])
+def test_every_family_gets_a_plan_or_a_better_family(family: str, vram_gb: float) -> None:
+    """On 6/8/12/16/24 GB every family gets a level, or a reason plus another family that does run well."""
+    result = advise(card(vram_gb, ram_gb=64), model=family, host="neo")
+    assert result.model == family and result.model_title == FAMILIES[family].title
+    assert {row["family"] for row in result.families} == set(PLANNED)
+    if result.recommended.value is None:
+        assert "won't fit" in result.recommended.reason
+        assert result.alternative is not None and result.alternative.value != family
+        assert result.alternative.numbers["fit"] in ("resident", "near-resident")
+    else:
+        assert result.recommended.value in LEVELS
+    text = render_text(result)
+    assert FAMILIES[family].title in text or "won't fit" in text
+
+
+# Published transformer files (GB): city96/FLUX.2-dev-gguf listing (via the family table's downloads), the BFL /
+# Comfy-Org bf16 single files (Klein 4B 7.75 GB; HF tree per smeltcore's Klein 4B recipes).
+@pytest.mark.parametrize("family,level,published_gb", [
+    ("flux2-dev", "Q4_K_S", 19.3), ("flux2-dev", "Q4_0", 19.3), ("flux2-dev", "Q5_K_S", 23.2),
+    ("flux2-klein-4b", "BF16", 7.75)])
+def test_family_weights_match_published_files(family: str, level: str, published_gb: float) -> None:
+    ours = transformer_bytes(LEVELS[level], FAMILIES[family].geometry) / 1e9
+    assert ours == pytest.approx(published_gb, rel=0.02), (family, level, ours)
+
+
+def _notes_flux2_shapes(h: int, double: int, single: int, ctx: int, guidance: bool) -> dict[str, tuple[int, int]]:
+    """FLUX.2 2-D weights as shared/FAMILY_NOTES.md §3 tabulates them from BFL flux2 model.py (M = 3H), written out
+    independently of lib_fluxq.flux; 1-D tensors are the 128-wide q/k norm scales (4 per double block, 2 per single)."""
+    m = 3 * h
+    shapes = {"img_in": (h, 128), "txt_in": (h, ctx), "time_in.in": (h, 256), "time_in.out": (h, h),
+              "mod_img": (6 * h, h), "mod_txt": (6 * h, h), "mod_single": (3 * h, h), "final.linear": (128, h),
+              "final.adaLN": (2 * h, h)}
+    if guidance:
+        shapes.update({"guidance.in": (h, 256), "guidance.out": (h, h)})
+    for i in range(double):
+        for s in ("img", "txt"):
+            shapes.update({f"double_blocks.{i}.{s}.qkv": (3 * h, h), f"double_blocks.{i}.{s}.proj": (h, h),
+                           f"double_blocks.{i}.{s}.mlp0": (2 * m, h), f"double_blocks.{i}.{s}.mlp2": (h, m)})
+    for i in range(single):
+        shapes.update({f"single_blocks.{i}.linear1": (3 * h + 2 * m, h), f"single_blocks.{i}.linear2": (h, h + m)})
+    return shapes
+
+
+@pytest.mark.parametrize("family,h,double,single,ctx,guidance,params_g", [
+    ("flux2-dev", 6144, 8, 48, 15360, True, 32.223), ("flux2-klein-9b", 4096, 8, 24, 12288, False, 9.079),
+    ("flux2-klein-4b", 3072, 5, 20, 7680, False, 3.876)])
+@pytest.mark.parametrize("level", ["Q8_0", "Q5_1", "Q4_K_S", "Q2_K"])
+def test_family_weights_by_an_independent_path(family: str, h: int, double: int, single: int, ctx: int,
+                                               guidance: bool, params_g: float, level: str) -> None:
+    """Weights per level = the notes' shapes quantized by gguf-py's GGML_QUANT_SIZES (block weights at the level,
+    the rest F16, norm scales F32): the advisor's figure must be that, and the parameter count the notes' one."""
+    import gguf
+
+    qtype = LEVELS[level].qtype
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    total = 0
+    params = 0
+    for name, (rows, cols) in _notes_flux2_shapes(h, double, single, ctx, guidance).items():
+        params += rows * cols
+        total += rows * cols // block * type_size if name.startswith(("double_", "single_")) else rows * cols * 2
+    norms = (4 * double + 2 * single) * 2 * 128
+    params += norms // 2
+    total += norms // 2 * 4
+    assert params / 1e9 == pytest.approx(params_g, abs=0.0015)
+    assert transformer_bytes(LEVELS[level], FAMILIES[family].geometry) == total
+
+
+def test_klein_4b_speed_matches_comfyuis_rtx_5090_figure() -> None:
+    """ComfyUI's FLUX.2 Klein tutorial (quoted by smeltcore's Klein 4B RTX 5090 recipe): distilled 4B, FP8,
+    ~1.2 s per 1024x1024 image at 4 steps on an RTX 5090, 8.4 GB VRAM. Our image time (steps x s/it) within 2x."""
+    planner = Planner(card(32, "NVIDIA GeForce RTX 5090", ram_gb=64), model="flux2-klein-4b", host="neo")
+    est = planner.estimate(LEVELS["FP8"])
+    assert est.fit == "resident" and est.step_s is not None
+    assert 1.2 / 2 <= est.step_s * 4 <= 1.2 * 2, est.step_s
+    assert est.need_gb <= 8.4 * 1.1   # the transformer's share of the published 8.4 GB peak
+
+
+def test_8gb_flux1_q4_versus_klein_9b_q8() -> None:
+    """An 8 GB user choosing between FLUX.1 dev Q4 and Klein 9B Q8 gets an answer: Klein 9B's Q8_0 (9.6 GB of
+    weights) cannot stay on an 8 GB card, FLUX.1 dev's Q4_0 can; Klein 9B's own plan is a lower level that fits,
+    and at its 4 steps it finishes an image sooner than dev at 20."""
+    hardware = card(8, "RTX 4060", ram_gb=32)
+    klein = Planner(hardware, model="flux2-klein-9b", host="neo")
+    dev = Planner(hardware, model="dev", host="neo")
+    assert klein.estimate(LEVELS["Q8_0"]).fit not in ("resident", "near-resident")
+    assert dev.estimate(LEVELS["Q4_0"]).fit in ("resident", "near-resident")
+    advice = advise(hardware, model="flux2-klein-9b", host="neo")
+    assert LEVELS[advice.recommended.value].fidelity_bits < LEVELS["Q8_0"].fidelity_bits
+    rows = {row["family"]: row for row in advice.families}
+    assert rows["flux2-klein-9b"]["image_s"] < rows["flux-dev"]["image_s"]
+    assert "Q8_0" in render_text(advice)
+
+
+def test_family_hosts_are_respected() -> None:
+    """Forge runs no FLUX.2: planning Klein for Forge warns and points at Neo; FLUX.2 dev runs poorly on 12 GB and
+    a family that runs well there is named with its numbers."""
+    forge = advise(card(12, "RTX 3060"), model="flux2-klein-4b", host="forge")
+    assert any("does not run FLUX.2 [klein] 4B" in w for w in forge.warnings)
+    dev2 = advise(card(12, "RTX 3060"), model="flux2-dev", host="neo")
+    assert dev2.alternative is not None and "s per image" in dev2.alternative.reason
+    with pytest.raises(FluxqError, match="unknown model 'flux3'"):
+        advise(card(12), model="flux3")

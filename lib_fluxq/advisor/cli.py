@@ -8,6 +8,7 @@ import re
 
 from lib_fluxq.advisor.calibration import HOSTS
 from lib_fluxq.advisor.gpus import GPU_PROFILES, find_gpu_profile
+from lib_fluxq.advisor.model import planned_families
 from lib_fluxq.advisor.plan import advise, scan_models
 from lib_fluxq.advisor.render import render_json, render_text
 from lib_fluxq.errors import FluxqError
@@ -35,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", metavar="DIR", help="also rank the model files in this folder")
     parser.add_argument("--size", type=_size, default=(1024, 1024), metavar="WxH",
                         help="target image size (default 1024x1024)")
-    parser.add_argument("--model", choices=("dev", "schnell"), default="dev", help="Flux variant (default dev)")
+    parser.add_argument("--model", default="dev", metavar="FAMILY",
+                        help="model family: " + ", ".join(f.key for f in planned_families())
+                             + " (dev / schnell / klein-4b / klein-9b are short names; default dev)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps for time per image")
     parser.add_argument("--host", choices=HOSTS, default="forge", help="WebUI the RAM figures are for (default forge)")
     parser.add_argument("--json", action="store_true", help="print the advice as JSON")

@@ -11,6 +11,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from lib_fluxq.advisor.calibration import (
     ACT_BYTES_PER_TOKEN,
+    CLIP_L_BYTES,
     FORGE_ACTIVATION_FACTOR,
     NF4_ABSMAX_BITS,
     NF4_BLOCKSIZE,
@@ -18,6 +19,8 @@ from lib_fluxq.advisor.calibration import (
     VAE_DECODE_BYTES_PER_PIXEL,
     VAE_TILE_PIXELS,
 )
+from lib_fluxq.errors import FluxqError
+from lib_fluxq.families import COMPANIONS, FAMILIES, Family
 from lib_fluxq.flux import FLUX_DEV, FluxConfig, flux_param_shapes, is_quantized_by_recipe
 
 T = GGMLQuantizationType
@@ -180,16 +183,24 @@ def image_tokens(width: int, height: int) -> int:
     return (height // 16) * (width // 16)
 
 
+def per_token_matmul_parameters(config: FluxConfig = FLUX_DEV) -> int:
+    """Weights one token passes through in one step: one stream of each double block and every single block. The
+    modulation layers act on one vector per sample (FLUX.1's per block, FLUX.2's model-wide) and are left out."""
+    total = 0
+    for name, shape in flux_param_shapes(config).items():
+        if len(shape) != 2 or "mod" in name or not name.startswith(("double_blocks.", "single_blocks.")):
+            continue
+        total += math.prod(shape) // (2 if name.startswith("double_blocks.") else 1)
+    return total
+
+
 def flux_step_flops(width: int, height: int, batch: int = 1, config: FluxConfig = FLUX_DEV,
                     text_tokens: int = TEXT_TOKENS) -> float:
-    """FLOPs of one transformer evaluation. Modulation layers act on one vector per sample and are negligible."""
-    h, m = config.hidden, config.mlp_hidden
-    img, txt = image_tokens(width, height), text_tokens
-    tokens = img + txt
-    double_per_token = 4 * h * h + 2 * h * m              # qkv 3h^2 + proj h^2 + mlp 2hm, per stream
-    single_per_token = (3 * h + m) * h + (h + m) * h      # linear1 + linear2
-    linear = 2 * (config.depth * tokens * double_per_token + config.depth_single * tokens * single_per_token)
-    attention = 4 * tokens * tokens * h * (config.depth + config.depth_single)
+    """FLOPs of one transformer evaluation of any Flux-family geometry (FLUX.1, Chroma, FLUX.2): 2 x tokens x the
+    per-token matmul weights + attention 4 x tokens^2 x width per block."""
+    tokens = image_tokens(width, height) + text_tokens
+    linear = 2 * tokens * per_token_matmul_parameters(config)
+    attention = 4 * tokens * tokens * config.hidden * (config.depth + config.depth_single)
     return float(batch * (linear + attention))
 
 
@@ -198,12 +209,58 @@ def forge_activation_bytes(width: int, height: int, batch: int = 1, dtype_size: 
     return int(FORGE_ACTIVATION_FACTOR * 2 * batch * (height / 8) * (width / 8) * dtype_size * 16384)
 
 
-def activation_bytes(width: int, height: int, batch: int = 1) -> int:
+def activation_bytes(width: int, height: int, batch: int = 1, config: FluxConfig = FLUX_DEV) -> int:
+    """Forge's FLUX.1 estimate (or one block's working set), scaled by the model's width for other geometries: the
+    live tensors per token grow with the hidden size (an estimate: no published peak for FLUX.2 / Chroma in Forge)."""
     physical = batch * (image_tokens(width, height) + TEXT_TOKENS) * ACT_BYTES_PER_TOKEN
-    return max(forge_activation_bytes(width, height, batch), physical)
+    return int(max(forge_activation_bytes(width, height, batch), physical) * config.hidden / FLUX_DEV.hidden)
 
 
 def vae_decode_bytes(width: int, height: int, tiled: bool = False) -> int:
     pixels = min(width * height, VAE_TILE_PIXELS) if tiled else width * height
     return int(pixels * VAE_DECODE_BYTES_PER_PIXEL)
 
+
+
+def _full_precision_bytes(part_key: str) -> int:
+    """A text encoder's 16-bit size from the family table's published downloads (bf16 / fp16 file)."""
+    downloads = [d for d in COMPANIONS[part_key].downloads if d.precision in ("bf16", "fp16")]
+    if not downloads:
+        raise KeyError(f"no 16-bit download listed for {part_key}")
+    return int(max(d.size_gb for d in downloads) * 1e9)
+
+
+def text_encoder_bytes(companions: tuple[str, ...], option: str) -> int:
+    """Bytes of a family's text encoders at ``option`` (a T5_OPTIONS name: 16-bit, fp8 or a GGUF level). T5-XXL is
+    sized from its geometry (above); Qwen3 / Mistral from their published 16-bit files x bits / 16; CLIP-L stays 16-bit.
+    """
+    total = 0
+    for key in companions:
+        if COMPANIONS[key].kind != "text_encoder":
+            continue
+        if key == "clip_l":
+            total += CLIP_L_BYTES
+        elif key == "t5xxl":
+            total += t5_bytes(option)
+        else:
+            total += int(_full_precision_bytes(key) * dict(T5_OPTIONS)[option] / 16)
+    return total
+
+
+# The names ``--model`` accepted before the family table, and short names people type.
+MODEL_ALIASES = {"dev": "flux-dev", "schnell": "flux-schnell", "kontext": "flux-kontext", "krea": "flux-krea",
+                 "fill": "flux-fill", "klein-4b": "flux2-klein-4b", "klein-9b": "flux2-klein-9b"}
+
+
+def planned_families() -> list[Family]:
+    """Every family the advisor can plan for: the family table's rows with a transformer geometry."""
+    return [f for f in FAMILIES.values() if f.geometry is not None]
+
+
+def resolve_family(name: str) -> Family:
+    key = MODEL_ALIASES.get(name.strip().lower(), name.strip().lower())
+    family = FAMILIES.get(key)
+    if family is None or family.geometry is None:
+        known = ", ".join(f.key for f in planned_families())
+        raise FluxqError(f"unknown model '{name}': use one of {known} (or dev / schnell)")
+    return family

@@ -50,14 +50,16 @@ from lib_fluxq.advisor.model import (
     flux_step_flops,
     image_tokens,
     largest_layer_elements,
+    planned_families,
     quantized_parameters,
+    resolve_family,
     resolve_level,
-    t5_bytes,
+    text_encoder_bytes,
     transformer_bytes,
     vae_decode_bytes,
 )
 from lib_fluxq.errors import FluxqError
-from lib_fluxq.flux import FLUX_DEV, FLUX_SCHNELL
+from lib_fluxq.families import HOSTS as HOST_TITLES
 from lib_fluxq.hardware import GIB, Hardware, detect
 
 
@@ -128,6 +130,9 @@ class Advice:
     files: list[FileVerdict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     hardware: dict[str, Any] = field(default_factory=dict)
+    model_title: str = ""                 # the family's name for people, e.g. "FLUX.2 [klein] 9B"
+    alternative: Choice | None = None     # another family that runs better here, when this one runs poorly
+    families: list[dict[str, Any]] = field(default_factory=list)   # every family's best plan on this machine
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -148,8 +153,7 @@ class Planner:
                  model: str = "dev", steps: int | None = None, host: str = "forge", fluxq_loading: bool = True) -> None:
         if width % 16 or height % 16 or not (256 <= width <= 4096 and 256 <= height <= 4096):
             raise FluxqError(f"size {width}x{height} is not a Flux size: use multiples of 16 between 256 and 4096")
-        if model not in ("dev", "schnell"):
-            raise FluxqError(f"unknown Flux variant '{model}': use dev or schnell")
+        family = resolve_family(model)
         if host not in HOSTS:
             raise FluxqError(f"unknown host '{host}': use one of {', '.join(HOSTS)}")
         hardware = replace(hardware, sources=dict(hardware.sources), notes=list(hardware.notes))
@@ -157,9 +161,11 @@ class Planner:
         # RAM figures are what the user sees in this host with fluxq's loading active (or with the host alone)
         self.host, self.fluxq_loading = host, fluxq_loading
         self.width, self.height, self.batch = width, height, batch
-        self.model = model
-        self.config = FLUX_DEV if model == "dev" else FLUX_SCHNELL
-        self.steps = steps if steps is not None else (20 if model == "dev" else 4)
+        # The family table's row drives everything model-specific: geometry, text encoders, default steps, hosts.
+        self.family = family
+        self.model = family.key
+        self.config = family.geometry
+        self.steps = steps if steps is not None else (family.steps or 20)
         self.profile_assumed = False
         profile = find_gpu_profile(hardware.gpu_name)
         if hardware.backend == "mps":
@@ -214,7 +220,7 @@ class Planner:
         return largest_layer_elements(self.config) * dtype_size
 
     def working_set(self, level: WeightLevel, width: int, height: int) -> int:
-        return activation_bytes(width, height, self.batch) + self.scratch_bytes(level)
+        return activation_bytes(width, height, self.batch, self.config) + self.scratch_bytes(level)
 
     def reserve_bytes(self, level: WeightLevel, width: int, height: int) -> int:
         """What to leave Forge for computation ("total - GPU Weights"): the working set + 10%, rounded up to 64 MB."""
@@ -250,8 +256,12 @@ class Planner:
         """Peak RAM while the WebUI loads ``files_bytes`` of model files (transformer + text encoders + VAE)."""
         return int(self.ram_peak(level).factor * files_bytes) + RAM_BASE_BYTES
 
+    def te_bytes(self, option: str) -> int:
+        """This family's text encoders (T5-XXL + CLIP-L, Qwen3, Mistral) at ``option`` (a T5_OPTIONS precision)."""
+        return text_encoder_bytes(self.family.companions, option)
+
     def ram_steady(self, offloaded: int, t5: str = "fp16") -> int:
-        return offloaded + t5_bytes(t5) + CLIP_L_BYTES + VAE_WEIGHT_BYTES + RAM_BASE_BYTES
+        return offloaded + self.te_bytes(t5) + VAE_WEIGHT_BYTES + RAM_BASE_BYTES
 
     # -- speed ----------------------------------------------------------------------------------------------
     def compute_seconds(self, width: int, height: int) -> float:
@@ -290,12 +300,12 @@ class Planner:
                       file_bytes: int | None = None, t5: str = "fp8", cold: bool = True) -> float:
         """One image: steps, T5 round trip over PCIe, VAE decode; ``cold`` adds reading the files from disk."""
         total = steps * self.step_seconds(level, offloaded, width, height)
-        total += t5_bytes(t5) / self.pcie_bytes_per_second(False)
+        total += self.te_bytes(t5) / self.pcie_bytes_per_second(False)
         if self.profile is not None:
             total += width * height * VAE_DECODE_FLOPS_PER_PIXEL / (self.profile.tflops * 1e12 * MATMUL_EFFICIENCY)
         if cold:
-            weights = file_bytes if file_bytes is not None else self.weights(level) + t5_bytes(t5)
-            total += (weights + CLIP_L_BYTES + VAE_WEIGHT_BYTES) / (DISK_GBPS * GB)
+            weights = file_bytes if file_bytes is not None else self.weights(level) + self.te_bytes(t5)
+            total += (weights + VAE_WEIGHT_BYTES) / (DISK_GBPS * GB)
         return total
 
     # -- one level ------------------------------------------------------------------------------------------
@@ -394,7 +404,8 @@ class Planner:
         resolutions = self._resolutions(level)
         resolution = Choice([width, height], self._resolution_reason(level, est, width, height, small, slow),
                             {"megapixels": round(width * height / 1e6, 2), "tokens": image_tokens(width, height)
-                             + TEXT_TOKENS, "activations_gb": _gb(activation_bytes(width, height, self.batch))})
+                             + TEXT_TOKENS, "activations_gb": _gb(activation_bytes(width, height, self.batch,
+                                                                                   self.config))})
         gpu_weights = self._gpu_weights(level, est, reserve, weights)
         text_encoder = self._text_encoder(level, est, width, height, warnings)
         swap_method, swap_location = self._swap(est, level, width, height, text_encoder.value["t5"])
@@ -403,19 +414,21 @@ class Planner:
                         {"render": [width, height], "final": [width * 2, height * 2]} if (small or slow) else {})
         self._general_warnings(level, est, warnings, text_encoder.value["t5"])
         summary = (f"{level.name} at {width}x{height}, GPU Weights {gpu_weights.value} MB, "
-                   f"T5 {text_encoder.value['t5']} in {text_encoder.value['placement']}"
+                   f"text encoders {text_encoder.value['t5']} in {text_encoder.value['placement']}"
                    + (", then refine" if refine.value else ""))
         return Advice(
             backend=hw.backend, gpu=hw.gpu_name, gpu_profile=self.profile.name if self.profile else None,
             profile_assumed=self.profile_assumed, vram_gb=_gb(self.total), ram_gb=_gb(hw.ram_total or 0) or None,
-            disk_free_gb=None if hw.disk_free is None else _gb(hw.disk_free), model=f"flux-{self.model}",
+            disk_free_gb=None if hw.disk_free is None else _gb(hw.disk_free), model=self.model,
             width=width, height=height, steps=self.steps, budget_gb=_gb(self.budget), cpu_only=False,
             summary=summary, recommended=recommended, faster=faster, resolution=resolution,
             resolutions=resolutions, gpu_weights_mb=gpu_weights, swap_method=swap_method,
             swap_location=swap_location, text_encoder=text_encoder, vae=vae, refine=refine,
             levels=[self.estimate(lv, width, height) for lv in LEVELS.values()],
             files=self.rank_files(files, width, height) if files is not None else [],
-            warnings=warnings, hardware=hw.to_dict())
+            warnings=warnings, hardware=hw.to_dict(), model_title=self.family.title,
+            **self._across_families(est if est.fit in ("resident", "near-resident") and level.fidelity_bits >= 4
+                                    and not small else None))
 
     # -- reasons --------------------------------------------------------------------------------------------
     def _level_reason(self, level: WeightLevel, est: LevelEstimate) -> str:
@@ -509,26 +522,27 @@ class Planner:
         chosen = T5_OPTIONS[-1][0]
 
         def load_peak(option: str) -> int:
-            return self.load_peak_bytes(level, self.weights(level) + t5_bytes(option) + CLIP_L_BYTES + VAE_WEIGHT_BYTES)
+            return self.load_peak_bytes(level, self.weights(level) + self.te_bytes(option) + VAE_WEIGHT_BYTES)
 
         for option, _bits in T5_OPTIONS:   # best first: the first that fits in use and while loading
             if ram_total == 0 or (self.ram_steady(offloaded, option) <= ram_total * RAM_COMFORT
                                   and load_peak(option) <= ram_total):
                 chosen = option
                 break
-        t5 = t5_bytes(chosen)
-        beside = int(est.need_gb * GIB) + t5 + CLIP_L_BYTES
+        t5 = self.te_bytes(chosen)       # every text encoder of the family at that precision
+        clip = CLIP_L_BYTES if "clip_l" in self.family.companions else 0
+        beside = int(est.need_gb * GIB) + t5
         on_gpu = est.offloaded_gb <= 0 and beside <= self.budget
         placement = "VRAM" if on_gpu else "RAM"
-        swap_s = round((t5 + CLIP_L_BYTES) / self.pcie_bytes_per_second(False), 1)
-        numbers = {"t5_gb": round(t5 / GB, 2), "clip_l_gb": round(CLIP_L_BYTES / GB, 2),
+        swap_s = round(t5 / self.pcie_bytes_per_second(False), 1)
+        numbers = {"t5_gb": round((t5 - clip) / GB, 2), "clip_l_gb": round(clip / GB, 2),
                    "ram_steady_gb": _gb(self.ram_steady(offloaded, chosen)),
                    "ram_total_gb": _gb(ram_total) if ram_total else None, "vram_with_t5_gb": _gb(beside),
-                   "ram_load_peak_gb": _gb(self.load_peak_bytes(level, self.weights(level) + t5 + CLIP_L_BYTES
+                   "ram_load_peak_gb": _gb(self.load_peak_bytes(level, self.weights(level) + t5
                                                                 + VAE_WEIGHT_BYTES)),
                    "prompt_swap_s": swap_s}
         precision = ("fp16: RAM has room for the full-precision encoder" if chosen == "fp16" else
-                     f"{chosen}: fp16 T5 ({t5_bytes('fp16') / GB:.1f} GB) would push RAM past "
+                     f"{chosen}: 16-bit text encoders ({self.te_bytes('fp16') / GB:.1f} GB) would push RAM past "
                      f"{RAM_COMFORT:.0%} of {_gb(ram_total)} GB in use or past all of it while loading (peak "
                      f"~{_gb(load_peak('fp16'))} GB)")
         where = ("stays on the GPU beside the transformer" if on_gpu else
@@ -563,7 +577,7 @@ class Planner:
             warnings.append(f"LoRA: Forge's default mode cannot re-quantize {level.name}; pick "
                             f"'Diffusion in Low Bits' = 'Automatic (fp16 LoRA)' or use Q8_0/Q5_0/Q4_0/NF4")
         file_bytes = self.weights(level)
-        files = file_bytes + t5_bytes(t5) + CLIP_L_BYTES + VAE_WEIGHT_BYTES
+        files = file_bytes + self.te_bytes(t5) + VAE_WEIGHT_BYTES
         peak = self.ram_peak(level)
         if hw.ram_total and self.load_peak_bytes(level, files) > hw.ram_total:
             how = "measured" if peak.measured else "target, not yet measured"
@@ -577,11 +591,66 @@ class Planner:
         if hw.disk_free is not None and hw.disk_free < file_bytes:
             warnings.append(f"only {_gb(hw.disk_free)} GB free in {hw.disk_path}; the {level.name} file needs "
                             f"{file_bytes / GB:.1f} GB")
+        support = self.family.hosts.get(self.host)
+        if support is not None and not support.runs:
+            warnings.append(f"{HOST_TITLES.get(self.host, self.host)} does not run {self.family.title}"
+                            + (f" ({support.note})" if support.note else ""))
         if hw.backend == "rocm":
             warnings.append("ROCm: GGUF works; NF4 needs a ROCm build of bitsandbytes that Forge does not install")
         if self.profile_assumed and self.profile is not None:
             which = f"'{hw.gpu_name}' is not in the speed table" if hw.gpu_name else "no card name given"
             warnings.append(f"{which}; speeds assume a {self.profile.name}-class card")
+
+    # -- other families ---------------------------------------------------------------------------------------
+    def best_plan(self) -> dict[str, Any]:
+        """This family's best level on this machine at the planned size (or 512x768 when nothing fits larger), with
+        the time per image at the family's default steps: one row of the cross-family comparison."""
+        row: dict[str, Any] = {"family": self.model, "title": self.family.title, "steps": self.steps,
+                               "runs_here": True, "level": None, "fit": "won't fit", "step_s": None, "image_s": None}
+        support = self.family.hosts.get(self.host)
+        if support is not None and not support.runs:
+            row.update(runs_here=False, note=support.note)
+        for width, height in ((self.width, self.height), (512, 768)):
+            picked = self.pick({name: self.estimate(lv, width, height) for name, lv in LEVELS.items()})
+            if picked is not None:
+                level, est = picked
+                row.update(level=level.name, fit=est.fit, step_s=est.step_s, width=width, height=height,
+                           fidelity_bits=level.fidelity_bits, weights_gb=est.weights_gb,
+                           image_s=None if est.step_s is None else round(est.step_s * self.steps, 1))
+                break
+        return row
+
+    def _across_families(self, good: LevelEstimate | None) -> dict[str, Any]:
+        """Every other family's best plan here, and — when this family runs poorly (``good`` is None) — the best of
+        them: it runs on this host, resident (or near) at >= 4 bits, at the planned size, then the least time per
+        image at its own default steps."""
+        rows = []
+        for family in planned_families():
+            if family.same_weights_as is not None:   # Kontext / Krea / Klein Base: their twin's row says it all
+                continue
+            other = self if family.key == self.model else Planner(
+                self.hardware, self.width, self.height, self.batch, model=family.key, host=self.host,
+                fluxq_loading=self.fluxq_loading)
+            rows.append(other.best_plan())
+        if good is not None:
+            return {"families": rows}
+
+        def rank(row: dict[str, Any]) -> tuple[Any, ...]:
+            tier = {"resident": 0, "near-resident": 1, "offload": 2}.get(row["fit"], 9)
+            full_size = (row.get("width"), row.get("height")) == (self.width, self.height)
+            return (not row["runs_here"], tier, row.get("fidelity_bits", 0) < 4, not full_size,
+                    row["image_s"] if row["image_s"] is not None else math.inf)
+
+        others = [r for r in rows if r["family"] != self.model and r["level"] is not None and r["runs_here"]]
+        best = min(others, key=rank, default=None)
+        if best is None or rank(best)[1] > 1:
+            return {"families": rows}
+        mine = next(r for r in rows if r["family"] == self.model)
+        mine_text = (f"{self.family.title} runs only at {mine['level']} ({mine['fit']}, ~{mine['image_s']} s per "
+                     "image)" if mine["level"] else f"{self.family.title} does not fit")
+        reason = (f"{mine_text} here; {best['title']} {best['level']} is {best['fit']} at {best['width']}x"
+                  f"{best['height']}: ~{best['step_s']} s/it x {best['steps']} steps = ~{best['image_s']} s per image")
+        return {"families": rows, "alternative": Choice(best["family"], reason, dict(best))}
 
     # -- special cases ---------------------------------------------------------------------------------------
     def _empty_choice(self, reason: str) -> Choice:
@@ -593,8 +662,8 @@ class Planner:
         why = (f"won't fit: even {smallest.level} ({smallest.weights_gb} GB) leaves no usable room on a "
                f"{_gb(self.total)} GB card — Forge needs ~{_gb(reserve)} GB for computation at 512x512 plus "
                f"{_gb(CONTEXT_BYTES)} GB for CUDA, and streaming more than half the weights every step is slower "
-               "than it is worth. Use stable-diffusion.cpp (Q2_K needs 3.7 GB of parameters, no offload) or "
-               "SD1.5/SDXL-class models on this card")
+               "than it is worth. Use a smaller family (see the comparison of families) or SD1.5/SDXL-class models "
+               "on this card")
         heavy = [self.estimate(lv, 512, 512) for lv in LEVELS.values() if lv.candidate and lv.fidelity_bits >= 4]
         heavy = [e for e in heavy if e.fit == "heavy offload" and e.step_s is not None]
         if heavy:
@@ -609,14 +678,15 @@ class Planner:
         step_small = flux_step_flops(512, 512, 1, self.config) / (gflops * 1e9)
         step_full = flux_step_flops(1024, 1024, 1, self.config) / (gflops * 1e9)
         why = (f"no CUDA, ROCm or Apple GPU found. Flux on a CPU is impractical: one step is "
-               f"{flux_step_flops(1024, 1024) / 1e12:.0f} TFLOP at 1024x1024; {cores} core(s) at ~{gflops:.0f} "
+               f"{flux_step_flops(1024, 1024, 1, self.config) / 1e12:.0f} TFLOP at 1024x1024; {cores} core(s) at "
+               f"~{gflops:.0f} "
                f"GFLOP/s take ~{step_full / 60:.0f} min per step (~{step_small / 60:.1f} min at 512x512). "
                "Alternatives: run this advice for the GPU you can rent or borrow (e.g. --vram 16 --gpu 'RTX 4060 Ti'),"
                " use a cloud GPU, or on this machine use SD1.5/SDXL-Turbo-class models")
         estimates = {}
         for name, lv in LEVELS.items():
             weights = self.weights(lv)
-            ram = weights + t5_bytes("fp8") + CLIP_L_BYTES + VAE_WEIGHT_BYTES + RAM_BASE_BYTES
+            ram = weights + self.te_bytes("fp8") + VAE_WEIGHT_BYTES + RAM_BASE_BYTES
             estimates[name] = LevelEstimate(name, lv.fidelity_bits, _gb(weights), _gb(weights), "unsupported"
                                             if self.supported(lv) else "cpu", 0, 0,
                                             round(step_full, 1), _gb(ram), self.supported(lv) or "CPU only")
@@ -633,7 +703,7 @@ class Planner:
             backend=hw.backend, gpu=hw.gpu_name, gpu_profile=self.profile.name if self.profile else None,
             profile_assumed=self.profile_assumed, vram_gb=_gb(self.total) if self.total else None,
             ram_gb=_gb(hw.ram_total) if hw.ram_total else None,
-            disk_free_gb=None if hw.disk_free is None else _gb(hw.disk_free), model=f"flux-{self.model}",
+            disk_free_gb=None if hw.disk_free is None else _gb(hw.disk_free), model=self.model,
             width=self.width, height=self.height, steps=self.steps, budget_gb=_gb(self.budget) if self.total else None,
             cpu_only=cpu_only, summary=why.split(":")[0] if not cpu_only else "CPU only: Flux is impractical here",
             recommended=Choice(None, why, numbers or {}), faster=None, resolution=none, resolutions=[],
@@ -641,7 +711,8 @@ class Planner:
             refine=Choice(True, "if you must: a small render on a borrowed GPU, refined with SD1.5 locally", {}),
             levels=list(estimates.values()),
             files=self.rank_files(files, self.width, self.height) if files is not None else [],
-            warnings=[], hardware=hw.to_dict())
+            warnings=[], hardware=hw.to_dict(), model_title=self.family.title,
+            **(self._across_families(None) if hw.has_gpu and not self.unknown_card else {}))
 
     # -- user files -----------------------------------------------------------------------------------------
     def rank_files(self, files: Iterable[ModelFile | Sequence[Any]] | None, width: int | None = None,

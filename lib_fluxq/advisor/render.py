@@ -22,7 +22,7 @@ def render_text(advice: Advice) -> str:
     if advice.recommended.value is None:
         lines.append(advice.recommended.reason)
     else:
-        lines.append(f"Plan for FLUX.1-{advice.model.split('-')[-1]}: {advice.summary}")
+        lines.append(f"Plan for {advice.model_title or advice.model}: {advice.summary}")
         lines.append("")
         rows = [("Quant level", advice.recommended), ("Faster alternative", advice.faster),
                 ("Resolution", advice.resolution), ("GPU Weights (MB)", advice.gpu_weights_mb),
@@ -48,6 +48,19 @@ def render_text(advice: Advice) -> str:
                 continue
             step = "-" if e.step_s is None else f"{e.step_s:g}"
             lines.append(f"  {e.level:<8}{e.weights_gb:>8.2f}G{e.need_gb:>7.2f}G  {e.fit:<14}{step:>7}")
+    if advice.alternative is not None:
+        lines.append("")
+        lines.append(f"Better on this card: {advice.alternative.value} — {advice.alternative.reason}")
+    if advice.families:
+        lines.append("")
+        lines.append("Each family's best plan here (time per image at its default steps):")
+        lines.append(f"  {'family':<22}{'level':<8}{'fit':<15}{'s/it':>7}{'steps':>6}{'s/image':>9}")
+        for row in advice.families:
+            step = "-" if row["step_s"] is None else f"{row['step_s']:g}"
+            image = "-" if row["image_s"] is None else f"{row['image_s']:g}"
+            fit = row["fit"] if row["runs_here"] else "host can't run"
+            lines.append(f"  {row['family']:<22}{row['level'] or '-':<8}{fit:<15}{step:>7}{row['steps']:>6}"
+                         f"{image:>9}")
     if advice.files:
         lines.append("")
         lines.append("Your files:")

@@ -11,8 +11,11 @@ then enables the patches this host needs and says once at startup which ones it 
   out of the image's infotext and the host's "Loading Model:" line too.
 - GGUF memory-mapping (hosts that copy the file into RAM, i.e. Forge; Neo maps it itself).
 - GGUF IQ4_NL / IQ4_XS registered in the host's type table, keyed by the host's own gguf enum.
+- GGUF forward: every type dequantized by fluxq (exact, into a reused buffer) without the host's bake copy of
+  Q4_0 / Q4_1 / Q8_0 / Q4_K (lib_fluxq/host/forge_gguf.py).
 - GGUF + LoRA: re-quantization for every type where the host merges LoRA into GGUF weights (Forge re-quantizes
-  only Q4_0/Q5_0/Q8_0); where the host applies LoRA to GGUF on the fly every step (Neo), an optional merge-once.
+  only Q4_0/Q5_0/Q8_0), with one console line per refresh; where the host applies LoRA to GGUF on the fly every
+  step (Neo), an optional merge-once.
 - A missing part is one line in the UI and one in the console (lib_fluxq.host.user_errors).
 
 Every wrapper takes ``*args, **kwargs``, hands them on unchanged and returns what it got back. Any exception raised
@@ -61,6 +64,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Leave out selected Flux-only VAE / text encoders when loading SD1.5 / SDXL / SD3 (and SD VAEs for Flux)"),
     Setting("fluxq_gguf_mmap", True, "GGUF: keep tensors memory-mapped instead of copying the file into RAM", "mmap"),
     Setting("fluxq_gguf_iq4", True, "GGUF: load IQ4_NL / IQ4_XS files (needs a restart to change)", "iq4"),
+    Setting("fluxq_gguf_forward", True, "GGUF: dequantize every type with fluxq (exact; no second copy of Q4_0 / "
+                                        "Q4_1 / Q8_0 / Q4_K in RAM); applies at the next model load", "gguf_forward"),
     Setting("fluxq_lora_requant", True, "GGUF + LoRA: re-quantize every type (Q2_K..Q6_K, Q4_1, Q5_1, IQ4), "
                                         "not only Q4_0/Q5_0/Q8_0", "lora_requant"),
     Setting("fluxq_lora_merge", False, "GGUF + LoRA: merge the LoRA once and re-quantize, instead of applying it "
@@ -74,7 +79,6 @@ _DEFAULTS = {s.key: s.default for s in SETTINGS}
 SKIP_REASONS = {
     "mmap": "GGUF memory-mapping (this WebUI keeps GGUF files mapped itself)",
     "lora_requant": "LoRA re-quantization (this WebUI does not merge LoRAs into GGUF weights)",
-    "lora_merge": "merge-once LoRA (this WebUI merges LoRAs into GGUF weights itself)",
     "quiet_errors": "one-line missing-part errors (this WebUI's generation thread has an unknown shape)",
     "infotext": "infotext without left-out modules (no processing.create_infotext)",
     "gpu_weights": "advised GPU Weights (no GPU Weights setting found)",
@@ -155,7 +159,8 @@ def install() -> bool:
         if wrap_binding(importlib.import_module(module_name), "forge_model_reload", _wrap_model_reload):
             _state.active.add("load")
     steps: tuple[tuple[str, Callable[[Capabilities], str | None]], ...] = (
-        ("mmap", _install_mmap), ("iq4", _install_iq4), ("lora_requant", _install_lora_requant),
+        ("mmap", _install_mmap), ("iq4", _install_iq4), ("gguf_forward", _install_gguf_forward),
+        ("lora_requant", _install_lora_requant),
         ("lora_merge", _install_lora_merge), ("quiet_errors", _install_quiet_errors),
         ("infotext", _install_infotext), ("gpu_weights", _check_gpu_weights))
     for name, step in steps:
@@ -318,13 +323,13 @@ def plan_modules(checkpoint: Any, selected: Any) -> Any:
         return selected
     chosen = describe_files(selected_paths)
     unreadable = [p for p in selected_paths if p not in {c.path for c in chosen}]
-    available = describe_files(available_modules()) if pair and contents.family in ("flux", "chroma") else []
+    available = describe_files(available_modules()) if pair and contents.needs else []
     plan = choose_pairing(contents, chosen, available, free_ram_bytes(), pair=pair, drop=drop)
     plan.modules.extend(unreadable)  # .ckpt/.pt modules we cannot read cheaply: the host decides, as before
     last_plan.update(checkpoint=checkpoint, family=contents.family, added=dict(plan.added),
                      dropped=list(plan.dropped), missing=list(plan.missing), modules=list(plan.modules))
     if plan.missing and pair and check:
-        error = user_errors.user_error_class()(checkpoint, plan.missing, module_folders())
+        error = user_errors.user_error_class()(checkpoint, plan.missing, module_folders(), family=contents.family)
         if not user_errors.ui_task_running():   # the UI path prints it once itself (user_errors)
             log(str(error))
         raise error
@@ -481,21 +486,48 @@ def _install_iq4(caps: Capabilities) -> str | None:
     return None if added else "IQ4 types (this WebUI registers them itself)"
 
 
+def _install_gguf_forward(caps: Capabilities) -> str | None:
+    """Every GGUF type through fluxq's dequantizer (lib_fluxq/host/forge_gguf.py); the setting is read per bake."""
+    if caps.gguf_mapping_name is None or caps.gguf_enum is None:
+        return "fluxq's GGUF forward path (no GGUF type table found)"
+    from lib_fluxq.host import forge_gguf
+    operations = importlib.import_module("backend.operations_gguf")
+    forge_gguf.install_forward_path(operations, gguf_mapping(), caps.gguf_enum, patch_attr, patch_item,
+                                    add_missing=False)
+    return None
+
+
 def _install_lora_requant(caps: Capabilities) -> str | None:
     if caps.lora_on_gguf != "merge":
         return SKIP_REASONS["lora_requant"]
     from lib_fluxq.host import forge_gguf
-    for quant_cls in list(gguf_mapping().values()):
+    for quant_cls in forge_gguf.host_classes(gguf_mapping()):   # the host's classes, also behind ours
         replacement = forge_gguf.requantizing_method(quant_cls)
         if replacement is not None:
             patch_attr(quant_cls, "quantize_pytorch", replacement)
+    forge_gguf.install_lora_report(importlib.import_module("backend.operations_gguf"), patch_attr)
     return None
 
 
 def _install_lora_merge(caps: Capabilities) -> str | None:
-    if caps.lora_on_gguf != "online":
-        return SKIP_REASONS["lora_merge"]
-    return "merge-once LoRA (not available yet on this WebUI)"
+    from lib_fluxq.host import lora_merge
+    reason = lora_merge.available(caps)
+    if reason is None:
+        lora_merge.install(setting, log)
+    return reason
+
+
+def _lora_mode_changed() -> None:
+    """onchange of the merge-once setting: the LoRA mode of the selected checkpoint follows at once."""
+    from lib_fluxq.host import lora_merge
+    try:
+        from backend.args import dynamic_args
+        from modules_forge import main_entry
+        main_entry.refresh_model_loading_parameters()   # the host's own mode first (ours follows when on)
+        if not setting(lora_merge.SETTING):
+            log(f"LoRA mode back to the WebUI's own (on the fly: {bool(dynamic_args.online_lora)})")
+    except Exception as exc:
+        _fallback("switching the LoRA mode", exc)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -526,8 +558,10 @@ def visible_settings() -> tuple[Setting, ...]:
 def add_settings() -> None:
     """on_ui_settings: one checkbox per behaviour in Settings -> fluxq."""
     from modules import shared
+    onchange = {"fluxq_lora_merge": _lora_mode_changed}
     for item in visible_settings():
-        shared.opts.add_option(item.key, shared.OptionInfo(item.default, item.label, section=SECTION))
+        shared.opts.add_option(item.key, shared.OptionInfo(item.default, item.label, section=SECTION,
+                                                           onchange=onchange.get(item.key)))
 
 
 def on_model_loaded(sd_model: Any) -> None:
