@@ -53,22 +53,25 @@ def forge_args(data_dir: Path) -> list[str]:
 
 
 @contextmanager
-def running_forge(data_dir: Path, start_timeout: int = 240) -> Iterator[tuple[subprocess.Popen, Path]]:
-    """Forge started on ``data_dir`` (extensions/fluxq → this repository); yields (process, console log path)."""
+def running_forge(data_dir: Path, start_timeout: int = 240,
+                  with_fluxq: bool = True) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """Forge started on ``data_dir`` (extensions/fluxq → this repository; without it for ``with_fluxq=False``,
+    "Forge alone"); yields (process, console log path)."""
     with real_webui.running_webui(forge_args(data_dir), str(FORGE_DIR), data_dir, URL, "forge",
-                                  start_timeout) as running:
+                                  start_timeout, extension=with_fluxq) as running:
         yield running
 
 
-def build_flux_models(data_dir: Path) -> dict[str, Path]:
-    """Full-shape random FLUX.1-dev Q2_K GGUF ("flux"), T5-XXL Q2_K GGUF ("t5"), CLIP-L ("clip") and ae ("ae")."""
+def build_flux_models(data_dir: Path, qtype: T = FLUX_QTYPE) -> dict[str, Path]:
+    """Full-shape random FLUX.1-dev GGUF ("flux") and T5-XXL GGUF ("t5") of ``qtype`` (Q2_K unless told), CLIP-L
+    ("clip") and ae ("ae")."""
     models = data_dir / "models"
-    files = {"flux": models / "Stable-diffusion" / "flux1-dev-Q2_K.gguf",
-             "t5": models / "text_encoder" / "t5-v1_1-xxl-encoder-Q2_K.gguf",
+    files = {"flux": models / "Stable-diffusion" / f"flux1-dev-{qtype.name}.gguf",
+             "t5": models / "text_encoder" / f"t5-v1_1-xxl-encoder-{qtype.name}.gguf",
              "clip": models / "text_encoder" / "clip_l.safetensors",
              "ae": models / "VAE" / "ae.safetensors"}
-    real_webui.write_flux_gguf(files["flux"], FLUX_QTYPE)
-    real_webui.write_t5_gguf(files["t5"], FLUX_QTYPE)
+    real_webui.write_flux_gguf(files["flux"], qtype)
+    real_webui.write_t5_gguf(files["t5"], qtype)
     real_webui.write_clip_and_ae(files["clip"], files["ae"], forge_python(),
                                  Path(FORGE_DIR) / "backend" / "huggingface" / "black-forest-labs" / "FLUX.1-dev")
     return files

@@ -77,7 +77,7 @@ def model_loads(log_text: str) -> list[tuple[str, list[str]]]:
 
 @contextmanager
 def running_webui(args: Sequence[str], cwd: str, data_dir: Path, url: str, name: str, start_timeout: int = 240,
-                  env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, Path]]:
+                  env: dict[str, str] | None = None, extension: bool = True) -> Iterator[tuple[subprocess.Popen, Path]]:
     """A WebUI started with ``args`` on ``data_dir`` (extensions/fluxq → this repository), up once it printed
     "Startup time:" and /sdapi/v1/options answers; yields (process, console log path) and stops it afterwards.
 
@@ -86,8 +86,10 @@ def running_webui(args: Sequence[str], cwd: str, data_dir: Path, url: str, name:
     "IndexError: list assignment index out of range" in ``init_script_args`` (seen in Forge dfdcbab6)."""
     (data_dir / "extensions").mkdir(parents=True, exist_ok=True)
     link = data_dir / "extensions" / "fluxq"
-    if not link.exists():
+    if extension and not link.is_symlink():
         link.symlink_to(REPO)
+    elif not extension and link.is_symlink():   # the WebUI alone, same data dir (for side-by-side figures)
+        link.unlink()
     log_path = data_dir / f"{name}.log"
     full_env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
     with open(log_path, "w") as log:

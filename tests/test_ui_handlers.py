@@ -58,7 +58,8 @@ def test_plan_overrides_only_what_the_user_changed():
 
 
 def test_recommendation_shows_the_advisors_numbers_and_presets():
-    advisor = pytest.importorskip("lib_fluxq.advisor")
+    from lib_fluxq import advisor
+
     plan = handlers.make_plan(cpu_machine(), "", 12, None)
     advice = handlers.advise(plan)
     reference = advisor.advise(with_overrides(cpu_machine(), vram_gb=12))
@@ -87,8 +88,7 @@ def test_missing_engine_modules_say_so(monkeypatch):
 
 
 def test_models_table_matches_inspector_and_advisor(models):
-    advisor = pytest.importorskip("lib_fluxq.advisor")
-    from lib_fluxq import inspect
+    from lib_fluxq import advisor, inspect
     plan = handlers.make_plan(cpu_machine(), "", 8, None)
     inventory = handlers.inventory([str(models)], plan)
     rows = {row[0]: dict(zip(handlers.MODEL_COLUMNS, row, strict=True)) for row in handlers.model_rows(inventory)}
@@ -143,8 +143,9 @@ def test_models_table_says_what_the_files_on_disk_pair_with(models, tmp_path):
 
 
 def test_use_this_pairs_modules_by_content(models, tmp_path):
-    pairing = pytest.importorskip("lib_fluxq.pairing")
     from safetensors.torch import save_file
+
+    from lib_fluxq import pairing
     checkpoint = str(models / "Stable-diffusion" / "flux1-dev-Q4_0.gguf")
     plan = handlers.make_plan(cpu_machine(), "", 8, None)
     nothing = handlers.use_plan(checkpoint, [], plan, handlers.advise(plan))
@@ -221,7 +222,6 @@ def test_catalog_rows_and_tab_build(models):
 
 
 def test_a_file_reached_twice_is_listed_once(models):
-    pytest.importorskip("lib_fluxq.inspect")
     once = handlers.scan_models([str(models)])
     twice = handlers.scan_models([str(models), str(models / "Stable-diffusion")])
     assert [r.path for r in twice] == [r.path for r in once]
