@@ -438,7 +438,7 @@ def _one_torch_thread() -> Iterator[None]:
 
 def _timed_dequantize(level: Level, result: LevelResult, packed: Any, shape: tuple[int, ...]) -> torch.Tensor:
     """Dequantize, timing the fastest of a few single-thread runs (CPU time of this thread)."""
-    runs = _DEQUANT_RUNS if math.prod(shape) < (1 << 22) else 2
+    runs = _DEQUANT_RUNS if math.prod(shape) < (1 << 22) else 1  # large: long enough for one run
     best = math.inf
     with _one_torch_thread():
         for _ in range(runs):
