@@ -1,10 +1,10 @@
-"""Known Flux files worth downloading: quantized transformers (GGUF, NF4), text encoders and the VAE.
+"""Files worth downloading — quantized transformers, text encoders, VAEs — generated from the family table.
 
-Each entry names the exact Hugging Face repository and file, its size, licence and the WebUI models folder it goes
-in (``Stable-diffusion`` for transformers — Forge loads GGUF/NF4 checkpoints from there —, ``text_encoder``,
-``VAE``). Sizes are decimal GB as the Hub lists them (``size_source="published"``) or, where no published figure is
-at hand, the published dev size of the same level (``"estimated"``; schnell only lacks the 12 M-parameter
-guidance embedder). The downloader always asks the Hub for the real size before it checks disk space.
+Every entry comes from a ``families.Download`` row: the exact Hugging Face repository and path, its size (the
+Hub's listing: ``size_source="published"``, or ``"estimated"`` from the same layout elsewhere), licence, and the
+WebUI models folder it goes in (``Stable-diffusion`` for transformers — Forge and Neo load GGUF / NF4 checkpoints
+from there —, ``text_encoder``, ``VAE``). Nothing here is typed twice: a new family or file is a table row. The
+downloader always asks the Hub for the real size before it checks disk space.
 """
 
 from __future__ import annotations
@@ -13,14 +13,10 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from lib_fluxq import families as F
 from lib_fluxq.errors import FluxqError
 
-DEV_LICENCE = "FLUX.1 [dev] Non-Commercial License"
-APACHE = "Apache-2.0"
-MIT = "MIT"
-
-# What each kind of file is and the WebUI folder it belongs in (Forge/A1111 names under models/).
-FOLDERS = {"transformer": "Stable-diffusion", "text_encoder": "text_encoder", "vae": "VAE"}
+FOLDERS = F.FOLDERS    # kind -> the WebUI models subfolder
 
 
 @dataclass(frozen=True)
@@ -29,15 +25,16 @@ class CatalogEntry:
     title: str
     kind: str                # "transformer" | "text_encoder" | "vae"
     repo: str
-    filename: str
+    filename: str            # path inside the repository (the file lands under its base name)
     size_gb: float
     size_source: str         # "published" | "estimated"
     licence: str
-    level: str | None = None     # quant level users call it (Q4_K_S, NF4 v2, fp8, ...)
-    variant: str | None = None   # "dev" | "schnell" for transformers
+    level: str | None = None     # what users call it: Q4_K_S, NF4 v2, fp8, bf16, ...
+    variant: str | None = None   # the family key for transformers (flux-dev, flux2-klein-4b, ...)
     gated: bool = False          # the repository asks you to accept its licence on the Hub (token needed)
-    provides: tuple[str, ...] = ()  # parts besides the transformer (all-in-one files): clip_l, t5xxl, ae
+    provides: tuple[str, ...] = ()  # parts it holds besides the transformer (all-in-one files), or the part itself
     note: str = ""
+    part: str | None = None      # for text encoders / VAEs: the families.COMPANIONS key it provides
 
     @property
     def folder(self) -> str:
@@ -48,6 +45,10 @@ class CatalogEntry:
     def url(self) -> str:
         return f"https://huggingface.co/{self.repo}/blob/main/{self.filename}"
 
+    @property
+    def basename(self) -> str:
+        return os.path.basename(self.filename)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["folder"] = self.folder
@@ -55,46 +56,31 @@ class CatalogEntry:
         return data
 
 
-def _city96(variant: str, level: str, size_gb: float, source: str) -> CatalogEntry:
-    dev = variant == "dev"
-    return CatalogEntry(
-        key=f"flux1-{variant}-{level.lower()}", title=f"FLUX.1 {variant} {level} (GGUF, city96)",
-        kind="transformer", repo=f"city96/FLUX.1-{variant}-gguf", filename=f"flux1-{variant}-{level}.gguf",
-        size_gb=size_gb, size_source=source, licence=DEV_LICENCE if dev else APACHE, level=level, variant=variant,
-        note="transformer only: also needs CLIP-L, T5-XXL and the VAE")
+def _transformer(fam: F.Family, d: F.Download) -> CatalogEntry:
+    key = os.path.splitext(d.filename)[0].lower()
+    provides = ("clip_l", "t5xxl", "ae") if "all-in-one" in d.note else ()   # lllyasviel's NF4 v2 bundle
+    needs = " + ".join(F.part_title(p) for p in fam.companions if p not in provides)
+    note = d.note or (f"transformer only: also needs {needs}" if needs else "")
+    return CatalogEntry(key=key, title=f"{fam.title} {d.precision}", kind="transformer", repo=d.repo,
+                        filename=d.path, size_gb=d.size_gb, size_source=d.size_source, licence=d.licence,
+                        level=d.precision, variant=fam.key, gated=d.gated, provides=provides, note=note)
 
 
-# Published FLUX.1-dev GGUF sizes (city96/FLUX.1-dev-gguf file list), best fidelity first.
-_DEV_GGUF_GB = (("Q8_0", 12.7), ("Q6_K", 9.86), ("Q5_1", 9.01), ("Q5_K_S", 8.29), ("Q5_0", 8.27), ("Q4_1", 7.53),
-                ("Q4_K_S", 6.81), ("Q4_0", 6.79), ("Q3_K_S", 5.23), ("Q2_K", 4.03))
-_SCHNELL_LEVELS = ("Q8_0", "Q5_K_S", "Q4_K_S", "Q4_0")
+def _companion(comp: F.Companion, d: F.Download) -> CatalogEntry:
+    key = comp.key if len(comp.downloads) == 1 else f"{comp.key}-{d.precision.lower().replace(' ', '')}"
+    return CatalogEntry(key=key, title=f"{comp.title} {d.precision}", kind=comp.kind, repo=d.repo,
+                        filename=d.path, size_gb=d.size_gb, size_source=d.size_source, licence=d.licence,
+                        level=d.precision, gated=d.gated, provides=(comp.key,), note=d.note, part=comp.key)
 
-CATALOG: tuple[CatalogEntry, ...] = (
-    *(_city96("dev", level, gb, "published") for level, gb in _DEV_GGUF_GB),
-    *(_city96("schnell", level, gb, "estimated") for level, gb in _DEV_GGUF_GB if level in _SCHNELL_LEVELS),
-    CatalogEntry(
-        key="flux1-dev-nf4-v2", title="FLUX.1 dev NF4 v2 all-in-one (bitsandbytes, lllyasviel)",
-        kind="transformer", repo="lllyasviel/flux1-dev-bnb-nf4", filename="flux1-dev-bnb-nf4-v2.safetensors",
-        size_gb=12.0, size_source="published", licence=DEV_LICENCE, level="NF4 v2", variant="dev",
-        provides=("clip_l", "t5xxl", "ae"),
-        note="includes T5 fp8, CLIP-L and the VAE; needs an NVIDIA GPU (bitsandbytes CUDA kernels)"),
-    CatalogEntry(
-        key="clip_l", title="CLIP-L text encoder", kind="text_encoder", repo="comfyanonymous/flux_text_encoders",
-        filename="clip_l.safetensors", size_gb=0.25, size_source="published", licence=MIT),
-    CatalogEntry(
-        key="t5xxl-fp8", title="T5-XXL text encoder fp8 e4m3fn", kind="text_encoder",
-        repo="comfyanonymous/flux_text_encoders", filename="t5xxl_fp8_e4m3fn.safetensors", size_gb=4.9,
-        size_source="published", licence=APACHE, level="fp8", note="for less than 32 GB of RAM"),
-    CatalogEntry(
-        key="t5xxl-fp16", title="T5-XXL text encoder fp16", kind="text_encoder",
-        repo="comfyanonymous/flux_text_encoders", filename="t5xxl_fp16.safetensors", size_gb=9.5,
-        size_source="published", licence=APACHE, level="fp16", note="best prompt fidelity; wants 32 GB of RAM"),
-    CatalogEntry(
-        key="ae", title="Flux VAE (ae)", kind="vae", repo="black-forest-labs/FLUX.1-schnell",
-        filename="ae.safetensors", size_gb=0.33, size_source="published", licence=APACHE,
-        note="works for dev and schnell"),
-)
 
+def _build() -> tuple[CatalogEntry, ...]:
+    entries = [_transformer(fam, d) for fam in F.FAMILIES.values() for d in fam.transformers]
+    needed = {p for fam in F.FAMILIES.values() for p in fam.companions}
+    entries += [_companion(comp, d) for comp in F.COMPANIONS.values() if comp.key in needed for d in comp.downloads]
+    return tuple(entries)
+
+
+CATALOG: tuple[CatalogEntry, ...] = _build()
 _BY_KEY = {entry.key: entry for entry in CATALOG}
 
 
@@ -110,14 +96,17 @@ def target_path(entry: CatalogEntry, folders: dict[str, str]) -> str:
     try:
         folder = folders[entry.folder]
     except KeyError:
-        raise FluxqError(f"no '{entry.folder}' models folder is known for {entry.filename}; start the app with "
+        raise FluxqError(f"no '{entry.folder}' models folder is known for {entry.basename}; start the app with "
                          f"--models DIR (the WebUI's models folder)") from None
-    return os.path.join(folder, entry.filename)
+    return os.path.join(folder, entry.basename)
 
 
 def for_part(part: str) -> list[CatalogEntry]:
-    """Entries that provide a Flux part on their own (``clip_l``, ``t5xxl``, ``ae``): what to fetch when missing."""
-    prefix = {"clip_l": "clip_l", "t5xxl": "t5xxl", "ae": "ae"}.get(part)
-    if prefix is None:
-        return []
-    return [e for e in CATALOG if e.kind != "transformer" and e.key.split("-")[0] == prefix]
+    """Entries that provide a part on their own (``clip_l``, ``t5xxl``, ``qwen3_4b``, ``ae``, ``flux2_vae``, ...):
+    what to fetch when it is missing, best default first."""
+    return [e for e in CATALOG if e.part == part]
+
+
+def for_family(family: str) -> list[CatalogEntry]:
+    """Transformer files of a family (``flux-dev``, ``flux2-klein-4b``, ...)."""
+    return [e for e in CATALOG if e.kind == "transformer" and e.variant == family]

@@ -1,5 +1,15 @@
-"""Convert a Flux transformer (safetensors FP32/FP16/BF16/FP8, BFL or diffusers names, or a GGUF F16/BF16/F32) to a
-GGUF type or to bitsandbytes NF4 — streaming, tensor by tensor, atomically.
+"""Convert a Flux-family transformer — FLUX.1 dev / schnell / Kontext / Krea / Fill, Chroma, FLUX.2 dev / Klein —
+(safetensors FP32/FP16/BF16/FP8, BFL or diffusers names, or a GGUF F16/BF16/F32) to a GGUF type or to bitsandbytes
+NF4 — streaming, tensor by tensor, atomically.
+
+The GGUF is laid out as community loaders read it (city96 ComfyUI-GGUF ``loader.py``, Forge / Neo): BFL tensor
+names, ``general.architecture = "flux"`` for every family (city96 ``tools/convert.py`` writes "flux" for anything
+with ``double_blocks.0.img_attn.proj.weight``; loaders tell the families apart by the tensors), ``ne`` in ggml's
+reversed order, no ``comfy.gguf.orig_shape`` keys (city96 reshapes only SD UNets; Flux tensors keep their shapes).
+Which tensors are quantized follows city96's published files: the 2-D weights inside ``double_blocks`` /
+``single_blocks``; everything else (img_in, txt_in, time/guidance/vector embedders, Chroma's distilled_guidance_layer,
+FLUX.2's model-wide modulations, final_layer) stays F16 and 1-D tensors F32. For FLUX.2 dev this reproduces the
+published city96/FLUX.2-dev-gguf sizes (Q4_K_S 19.3 GB, Q5_K_S 23.2 GB); quantizing the modulations would not.
 
 CLI: ``python -m lib_fluxq convert SRC --to TYPE [-o OUT] [--recipe default|all] [--force]``
 API: ``convert_file(src, dst, qtype, recipe="default", progress=callback, cancel=threading.Event())``
@@ -32,7 +42,16 @@ from gguf import GGMLQuantizationType
 
 from lib_fluxq import __version__
 from lib_fluxq.errors import FluxqError, FormatError, UnsupportedTypeError
-from lib_fluxq.flux import FLUX_MARKER_KEY, FORGE_PREFIX, FluxConfig, flux_param_shapes, is_quantized_by_recipe
+from lib_fluxq.flux import (
+    CHROMA,
+    FLUX1,
+    FLUX2,
+    FLUX_MARKER_KEY,
+    FORGE_PREFIX,
+    FluxConfig,
+    flux_param_shapes,
+    is_quantized_by_recipe,
+)
 from lib_fluxq.formats import nf4
 from lib_fluxq.formats.gguf_write import StreamingGGUFWriter
 from lib_fluxq.formats.safetensors_read import SafetensorsReader
@@ -117,9 +136,54 @@ DIFFUSERS_NORMS: tuple[tuple[str, str], ...] = (
 )
 DIFFUSERS_SWAPPED_HALVES = frozenset({"final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias"})
 
+# FLUX.2 (Flux2Transformer2DModel) -> BFL, read in reverse from diffusers' FLUX2_TRANSFORMER_KEYS_RENAME_DICT,
+# ..._DOUBLE_BLOCK_KEY_MAP and ..._SINGLE_BLOCK_KEY_MAP (scripts/convert_flux2_to_diffusers.py): no biases anywhere;
+# the double blocks' fused qkv is split into to_q/k/v (image) and add_q/k/v_proj (text); the single blocks keep
+# linear1 fused (to_qkv_mlp_proj); the three model-wide modulations keep their names with ``.lin`` -> ``.linear``.
+DIFFUSERS_FLUX2_LINEARS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("img_in", ("x_embedder",)),
+    ("txt_in", ("context_embedder",)),
+    ("time_in.in_layer", ("time_guidance_embed.timestep_embedder.linear_1",)),
+    ("time_in.out_layer", ("time_guidance_embed.timestep_embedder.linear_2",)),
+    ("guidance_in.in_layer", ("time_guidance_embed.guidance_embedder.linear_1",)),
+    ("guidance_in.out_layer", ("time_guidance_embed.guidance_embedder.linear_2",)),
+    ("double_stream_modulation_img.lin", ("double_stream_modulation_img.linear",)),
+    ("double_stream_modulation_txt.lin", ("double_stream_modulation_txt.linear",)),
+    ("single_stream_modulation.lin", ("single_stream_modulation.linear",)),
+    ("double_blocks.{i}.img_attn.qkv", ("transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
+                                        "transformer_blocks.{i}.attn.to_v")),
+    ("double_blocks.{i}.txt_attn.qkv", ("transformer_blocks.{i}.attn.add_q_proj",
+                                        "transformer_blocks.{i}.attn.add_k_proj",
+                                        "transformer_blocks.{i}.attn.add_v_proj")),
+    ("double_blocks.{i}.img_attn.proj", ("transformer_blocks.{i}.attn.to_out.0",)),
+    ("double_blocks.{i}.txt_attn.proj", ("transformer_blocks.{i}.attn.to_add_out",)),
+    ("double_blocks.{i}.img_mlp.0", ("transformer_blocks.{i}.ff.linear_in",)),
+    ("double_blocks.{i}.img_mlp.2", ("transformer_blocks.{i}.ff.linear_out",)),
+    ("double_blocks.{i}.txt_mlp.0", ("transformer_blocks.{i}.ff_context.linear_in",)),
+    ("double_blocks.{i}.txt_mlp.2", ("transformer_blocks.{i}.ff_context.linear_out",)),
+    ("single_blocks.{i}.linear1", ("single_transformer_blocks.{i}.attn.to_qkv_mlp_proj",)),
+    ("single_blocks.{i}.linear2", ("single_transformer_blocks.{i}.attn.to_out",)),
+    ("final_layer.linear", ("proj_out",)),
+    ("final_layer.adaLN_modulation.1", ("norm_out.linear",)),     # halves swapped, as for FLUX.1
+)
+DIFFUSERS_FLUX2_NORMS: tuple[tuple[str, str], ...] = (
+    ("double_blocks.{i}.img_attn.norm.query_norm.scale", "transformer_blocks.{i}.attn.norm_q.weight"),
+    ("double_blocks.{i}.img_attn.norm.key_norm.scale", "transformer_blocks.{i}.attn.norm_k.weight"),
+    ("double_blocks.{i}.txt_attn.norm.query_norm.scale", "transformer_blocks.{i}.attn.norm_added_q.weight"),
+    ("double_blocks.{i}.txt_attn.norm.key_norm.scale", "transformer_blocks.{i}.attn.norm_added_k.weight"),
+    ("single_blocks.{i}.norm.query_norm.scale", "single_transformer_blocks.{i}.attn.norm_q.weight"),
+    ("single_blocks.{i}.norm.key_norm.scale", "single_transformer_blocks.{i}.attn.norm_k.weight"),
+)
+# The diffusers key that only FLUX.2 has (its model-wide double-stream modulation).
+DIFFUSERS_FLUX2_MARKER = "double_stream_modulation_img.linear.weight"
 
-def diffusers_to_bfl_names(depth: int, depth_single: int) -> dict[str, tuple[str, ...]]:
-    """BFL parameter name -> the diffusers parameter names it is made of (in concatenation order)."""
+
+def diffusers_to_bfl_names(depth: int, depth_single: int, layout: str = FLUX1) -> dict[str, tuple[str, ...]]:
+    """BFL parameter name -> the diffusers parameter names it is made of (in concatenation order).
+
+    ``layout``: FLUX1 (FluxTransformer2DModel) or FLUX2 (Flux2Transformer2DModel)."""
+    linears, norms = (DIFFUSERS_FLUX2_LINEARS, DIFFUSERS_FLUX2_NORMS) if layout == FLUX2 else \
+        (DIFFUSERS_LINEARS, DIFFUSERS_NORMS)
     mapping: dict[str, tuple[str, ...]] = {}
 
     def blocks(template: str) -> range:
@@ -127,11 +191,12 @@ def diffusers_to_bfl_names(depth: int, depth_single: int) -> dict[str, tuple[str
             return range(1)
         return range(depth_single) if template.startswith("single_blocks.") else range(depth)
 
-    for bfl, parts in DIFFUSERS_LINEARS:
+    suffixes = ("weight",) if layout == FLUX2 else ("weight", "bias")   # FLUX.2 has no biases
+    for bfl, parts in linears:
         for i in blocks(bfl):
-            for suffix in ("weight", "bias"):
+            for suffix in suffixes:
                 mapping[f"{bfl.format(i=i)}.{suffix}"] = tuple(f"{p.format(i=i)}.{suffix}" for p in parts)
-    for bfl, part in DIFFUSERS_NORMS:
+    for bfl, part in norms:
         for i in blocks(bfl):
             mapping[bfl.format(i=i)] = (part.format(i=i),)
     return mapping
@@ -233,9 +298,10 @@ def _diffusers_tensors(path: str, reader: SafetensorsReader,
                        local: dict[str, str]) -> tuple[dict[str, SourceTensor], list[str]]:
     depth = _count_blocks(local, "transformer_blocks.")
     depth_single = _count_blocks(local, "single_transformer_blocks.")
+    layout = FLUX2 if DIFFUSERS_FLUX2_MARKER in local else FLUX1
     used: set[str] = set()
     tensors: dict[str, SourceTensor] = {}
-    for bfl, parts in diffusers_to_bfl_names(depth, depth_single).items():
+    for bfl, parts in diffusers_to_bfl_names(depth, depth_single, layout).items():
         present = [p for p in parts if p in local]
         if not present:
             continue  # e.g. guidance_in on schnell; completeness is checked against the inferred config
@@ -307,7 +373,7 @@ _KNOWN_FAMILIES: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("a T5 text encoder", ("encoder.block.", "shared.weight", "enc.blk."), "convert the Flux transformer, not T5"),
     ("a CLIP text encoder", ("text_model.", "transformer.text_model."), "convert the Flux transformer, not CLIP"),
     ("a VAE", ("decoder.conv_in.", "encoder.conv_in.", "first_stage_model."), "convert the Flux transformer"),
-    ("an SD3 / MMDiT transformer", ("joint_blocks.",), "only FLUX.1 transformers are supported"),
+    ("an SD3 / MMDiT transformer", ("joint_blocks.",), "only Flux-family transformers are converted"),
     ("a LoRA", ("lora_unet_", "lora_te", "lora_A", "lora_down", ".alpha"), "LoRAs are applied, not converted"),
 )
 
@@ -320,25 +386,45 @@ def _require_flux(path: str, names) -> None:
             raise FormatError(path, f"not a Flux transformer: the tensor names look like {label}", fix=fix)
     sample = ", ".join(sorted(names)[:3]) or "no tensors"
     raise FormatError(path, f"not a Flux transformer: '{FLUX_MARKER_KEY}' is missing (first names: {sample})",
-                      fix="give a FLUX.1 dev/schnell transformer in BFL, ComfyUI or diffusers layout")
+                      fix="give a Flux-family transformer (FLUX.1, Chroma, FLUX.2) in BFL, ComfyUI or diffusers layout")
 
 
 def infer_config(path: str, shapes: dict[str, tuple[int, ...]]) -> FluxConfig:
-    """The FluxConfig that the tensor shapes describe (so Fill/Kontext/test-sized models convert too)."""
+    """The FluxConfig that the tensor shapes describe: the layout (FLUX.1, Chroma or FLUX.2, told apart by the keys
+    only each has, as in ComfyUI's model_detection) and every size read from the shapes, so FLUX.1 dev / schnell /
+    Fill / Kontext / Krea, Chroma, FLUX.2 dev / Klein and test-sized models all convert."""
+    if "double_stream_modulation_img.lin.weight" in shapes:
+        arch = FLUX2
+    elif "distilled_guidance_layer.in_proj.weight" in shapes:
+        arch = CHROMA
+    else:
+        arch = FLUX1
     try:
         hidden, in_channels = shapes["img_in.weight"]
         context_in = shapes["txt_in.weight"][1]
-        vec_in = shapes["vector_in.in_layer.weight"][1]
+        out_channels = shapes["final_layer.linear.weight"][0]
         head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
-        mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0]
+        mlp_hidden = shapes["double_blocks.0.img_mlp.2.weight"][1]   # the MLP's inner width (SwiGLU or GELU)
+        extra: dict[str, object] = {}
+        if arch == FLUX1:
+            extra["vec_in"] = shapes["vector_in.in_layer.weight"][1]
+        elif arch == CHROMA:
+            extra["approximator_hidden"], extra["approximator_in"] = shapes["distilled_guidance_layer.in_proj.weight"]
+            extra["approximator_layers"] = _count_blocks(shapes, "distilled_guidance_layer.layers.")
+        else:
+            extra["vec_in"] = 0
     except KeyError as exc:
         raise FormatError(path, f"Flux transformer without {exc}", fix="the checkpoint is incomplete") from None
     except ValueError:
         raise FormatError(path, "img_in.weight / txt_in.weight are not 2-D") from None
-    return FluxConfig(hidden=hidden, mlp_ratio=max(1, mlp_hidden // hidden), heads=max(1, hidden // head_dim),
+    if head_dim <= 0 or hidden % head_dim or mlp_hidden % hidden:
+        raise FormatError(path, f"inconsistent Flux shapes: width {hidden}, head size {head_dim}, MLP {mlp_hidden}",
+                          fix="the checkpoint is damaged or not a Flux-family transformer")
+    return FluxConfig(hidden=hidden, mlp_ratio=mlp_hidden // hidden, heads=hidden // head_dim,
                       depth=_count_blocks(shapes, "double_blocks."),
                       depth_single=_count_blocks(shapes, "single_blocks."), in_channels=in_channels,
-                      context_in=context_in, vec_in=vec_in, guidance="guidance_in.in_layer.weight" in shapes)
+                      context_in=context_in, out_channels=out_channels, arch=arch,
+                      guidance="guidance_in.in_layer.weight" in shapes, **extra)
 
 
 def _ordered(path: str, tensors: dict[str, SourceTensor]) -> dict[str, SourceTensor]:
@@ -528,6 +614,8 @@ class _GGUFOutput:
         writer = StreamingGGUFWriter(path, arch="flux")
         try:
             writer.add_standard_metadata(self.target)
+            # general.name: the source's name, which alone tells Kontext / Krea from dev (their tensors are dev's)
+            writer.add_string("general.name", os.path.splitext(os.path.basename(self.src))[0])
             writer.add_string("fluxq.source", os.path.basename(self.src))
             writer.add_string("fluxq.recipe", self.recipe)
             writer.add_string("fluxq.version", __version__)

@@ -22,8 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lib_fluxq import families as F
+from lib_fluxq.classify import Classification, HeaderView, classify, view_from_gguf, view_from_safetensors
 from lib_fluxq.errors import FormatError
-from lib_fluxq.flux import FLUX_MARKER_KEY, FORGE_PREFIX
+from lib_fluxq.flux import FORGE_PREFIX
 from lib_fluxq.formats.gguf_header import read_gguf_header
 from lib_fluxq.formats.safetensors_header import read_safetensors_header
 
@@ -33,12 +35,9 @@ PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
 # WebUI (A1111/Forge) and ComfyUI model folders; a WebUI root is scanned through these only.
 MODEL_FOLDERS = ("Stable-diffusion", "text_encoder", "VAE", "Lora", "unet", "diffusion_models",
                  "text_encoders", "clip", "vae", "loras", "LyCORIS")
-FLUX_PIPELINE = ("transformer", "clip_l", "t5xxl", "vae")
 # Where Forge looks for each kind of file (used for a "misplaced" note).
 EXPECTED_FOLDERS = {"transformer": ("Stable-diffusion", "unet", "diffusion_models"),
-                    "t5xxl": ("text_encoder", "text_encoders", "clip"),
-                    "clip_l": ("text_encoder", "text_encoders", "clip"),
-                    "clip_g": ("text_encoder", "text_encoders", "clip"),
+                    "text_encoder": ("text_encoder", "text_encoders", "clip"),
                     "vae": ("VAE", "vae"), "lora": ("Lora", "loras", "LyCORIS")}
 
 FLOAT_TYPES = ("F64", "F32", "F16", "BF16")
@@ -58,8 +57,8 @@ _COMPONENT_PREFIXES = (
     ("vae.", "vae"), ("first_stage_model.", "vae"),
     ("text_encoders.clip_l.", "clip_l"), ("text_encoders.clip_g.", "clip_g"), ("text_encoders.t5xxl.", "t5xxl"),
     ("cond_stage_model.", "clip"), ("conditioner.embedders.0.", "clip"), ("conditioner.embedders.1.", "clip#1"),
+    ("text_encoders.", "text_encoder"),     # Neo all-in-one files: text_encoders.qwen3_4b.transformer. ...
 )
-_CLIP_BY_WIDTH = {768: "clip_l", 1024: "clip_h", 1280: "clip_g"}
 
 _LORA_DOWN = re.compile(r"(lora_down|lora_A|lora\.down|lora\d\.down)\.weight$")
 _LORA_ANY = re.compile(r"(lora_down|lora_up|lora_A|lora_B|lora\.down|lora\.up|lora\d\.(down|up)|hada_w1_a|lokr_w1)")
@@ -116,16 +115,21 @@ class FileReport:
     format: str | None = None         # "gguf" | "safetensors" | "pickle"
     file_size: int = 0
     folder: str | None = None         # the WebUI/ComfyUI models subfolder it sits in
-    family: str = "unknown"
-    key_naming: str | None = None     # "bfl", "prefixed", "diffusers", "city96", "hf", "ldm", "open_clip", ...
-    level: str | None = None          # what users call it: Q4_K_S, Q8_0, NF4 v2, FP8 e4m3fn, BF16, ...
-    level_source: str | None = None   # "general.file_type" or "tensor mix"
+    family: str = "unknown"           # a families.FAMILIES key (flux-dev, chroma, flux2-klein-4b, sd15, ...), else
+                                      # the part(s) a text-encoder / VAE file holds (t5xxl, qwen3_4b, ae, ...)
+    family_title: str | None = None   # "FLUX.2 [klein] 4B"
+    decided_by: str | None = None     # how the family was told: "content", or "metadata" / "name" (look-alikes)
+    key_naming: str | None = None     # "bfl", "prefixed", "diffusers", "nunchaku", "city96", "hf", "ldm", ...
+    level: str | None = None          # what users call it: Q4_K_S, Q8_0, NF4 v2, FP8 e4m3fn, SVDQuant INT4, ...
+    level_source: str | None = None   # "general.file_type", "tensor mix" or "format marker"
+    quant_format: str | None = None   # families.FORMATS key: gguf, bnb-nf4, fp8-scaled, comfy-nvfp4, svdq-int4, ...
+    runs_on: dict[str, str] = field(default_factory=dict)   # host -> "yes (...)" / "no (...)" for this family+format
     parameters: int = 0
     tensors: int = 0
     storage: list[StorageEntry] = field(default_factory=list)
     components: list[str] = field(default_factory=list)
     component_details: list[ComponentReport] = field(default_factory=list)
-    missing_for_flux: list[str] = field(default_factory=list)
+    missing_for_flux: list[str] = field(default_factory=list)   # parts its family needs that the file lacks
     details: dict[str, Any] = field(default_factory=dict)   # family facts: in_channels, guidance, blocks, ...
     lora: LoraReport | None = None
     architecture: str | None = None   # GGUF general.architecture
@@ -197,11 +201,12 @@ def inspect_file(path: str | os.PathLike[str], hash: bool = False, folder: str |
     try:
         if lower.endswith(".gguf") or _starts_with(path, b"GGUF"):
             report.format = "gguf"
-            tensors = _read_gguf(path, report)
+            tensors, view = _read_gguf(path, report)
         else:
             report.format = "safetensors"
-            tensors = _read_safetensors(path, report)
-        _analyse(report, tensors)
+            tensors, view = _read_safetensors(path, report)
+        _analyse(report, tensors, view)
+        report.header_bytes_read = view.bytes_read   # plus the Comfy .comfy_quant marker bytes, if any
         if hash:
             report.sha256 = _sha256(path)
     except FormatError as exc:
@@ -224,7 +229,7 @@ def _starts_with(path: str, magic: bytes) -> bool:
         return False  # the real reader reports why
 
 
-def _read_gguf(path: str, report: FileReport) -> list[_Tensor]:
+def _read_gguf(path: str, report: FileReport) -> tuple[list[_Tensor], HeaderView]:
     header = read_gguf_header(path)
     report.header_bytes_read = header.bytes_read
     report.architecture = header.architecture
@@ -233,10 +238,11 @@ def _read_gguf(path: str, report: FileReport) -> list[_Tensor]:
     file_type = header.metadata.get("general.file_type")
     if isinstance(file_type, int) and not isinstance(file_type, bool):
         report.details["gguf_file_type"] = _file_type_name(file_type)
-    return [_Tensor(t.name, t.type_name, t.shape, t.n_bytes, t.n_elements) for t in header.tensors]
+    return ([_Tensor(t.name, t.type_name, t.shape, t.n_bytes, t.n_elements) for t in header.tensors],
+            view_from_gguf(header))
 
 
-def _read_safetensors(path: str, report: FileReport) -> list[_Tensor]:
+def _read_safetensors(path: str, report: FileReport) -> tuple[list[_Tensor], HeaderView]:
     header = read_safetensors_header(path)
     report.header_bytes_read = header.bytes_read
     report.metadata = {k: _short(v) for k, v in header.metadata.items()}
@@ -264,7 +270,7 @@ def _read_safetensors(path: str, report: FileReport) -> list[_Tensor]:
         tensor.n_bytes += aux_bytes.get(tensor.name, 0)
     if four_bit:
         report.details["bnb_double_quant"] = any(t.double_quant for t in tensors)
-    return tensors
+    return tensors, view_from_safetensors(header)
 
 
 def _bnb_owner(name: str, four_bit: dict[str, str]) -> str | None:
@@ -305,7 +311,7 @@ def _sha256(path: str) -> str:
 
 # --------------------------------------------------------------------------------------------------------- analysis
 
-def _analyse(report: FileReport, tensors: list[_Tensor]) -> None:
+def _analyse(report: FileReport, tensors: list[_Tensor], view: HeaderView) -> None:
     report.tensors = len(tensors)
     report.parameters = sum(t.parameters for t in tensors)
     report.storage = _storage(tensors)
@@ -313,44 +319,124 @@ def _analyse(report: FileReport, tensors: list[_Tensor]) -> None:
     if not tensors:
         report.notes.append("the file holds no tensors")
         return
-    if any(_LORA_ANY.search(n) for n in names):
+    # The one classifier (lib_fluxq.classify over the family table) names the file and, group by group, each part
+    # of an all-in-one checkpoint; inspect adds the storage accounting per part. A model first: Nunchaku's SVDQuant
+    # files carry low-rank 'lora_down' / 'lora_up' tensors in every layer and are not LoRAs.
+    whole = classify(view)
+    if whole.family is None and any(_LORA_ANY.search(n) for n in names):
         _analyse_lora(report, tensors)
         _note_folder(report, "lora")
         return
-
-    groups = _split_components(tensors)
     components: list[ComponentReport] = []
     naming: str | None = None
-    family = "unknown"
-    for group_name, (prefix, members) in groups.items():
-        local = {t.name[len(prefix):]: t for t in members}
-        kind, group_naming, group_family, details = _classify(group_name, local)
+    for prefix, members in _split_components(tensors).values():
+        local = HeaderView(view.path, view.container, {t.name[len(prefix):]: view.tensors[t.name] for t in members
+                                                        if t.name in view.tensors}, view.metadata)
+        found = classify(local)
+        kind = _component_kind(found)
         if kind is None:
             report.notes.append(f"{len(members)} tensors under '{prefix or '(no prefix)'}' not recognised")
             continue
-        if group_naming == "bfl" and prefix == FORGE_PREFIX:
-            group_naming = "prefixed"
         components.append(_component(kind, members, report.details.get("gguf_file_type")))
-        if kind in ("transformer", "unet") or (family == "unknown" and naming is None):
-            naming, family = group_naming, group_family
-        report.details.update(details)
-    order = {name: i for i, name in enumerate(("transformer", "unet", "vae", "clip_l", "clip_g", "clip_h", "t5xxl"))}
-    components.sort(key=lambda c: order.get(c.name, 99))
+        if kind in ("transformer", "unet") or naming is None:
+            naming = _key_naming(local.tensors, prefix)
+    components.sort(key=lambda c: _COMPONENT_ORDER.get(c.name, 99))
     report.component_details = components
     report.components = [c.name for c in components]
-    report.family, report.key_naming = family, naming
+    report.key_naming = naming
+    report.family = whole.family or ("+".join(sorted(whole.parts)) if whole.parts else "unknown")
+    report.decided_by = whole.decided_by
+    report.quant_format = whole.format
+    report.details.update(whole.details)
+    if whole.format_mix:
+        report.details["format_mix"] = dict(whole.format_mix)
+    row = whole.family_row
+    if row is not None:
+        report.family_title = row.title
+        report.missing_for_flux = list(whole.needs)
+        report.runs_on = {F.HOSTS[h]: F.runs_on(row.key, whole.format, h).text() for h in F.HOSTS}
+        _note_family(report, whole)
+    report.notes.extend(whole.notes)
     if components:
         main = components[0]
         report.level = main.level
         from_file_type = report.format == "gguf" and main.level == report.details.get("gguf_file_type")
         report.level_source = "general.file_type" if from_file_type else "tensor mix"
-    if family.startswith("flux") or family in ("t5xxl", "clip_l", "flux-ae"):
-        present = set(report.components)
-        report.missing_for_flux = [c for c in FLUX_PIPELINE if c not in present]
+        if whole.format in _MARKED_FORMATS:   # the marker names it better than the raw int8 / uint8 storage
+            report.level, report.level_source = F.fmt(whole.format).title, "format marker"
     if len(components) == 1:
-        _note_folder(report, components[0].name)
+        _note_folder(report, _folder_kind(components[0].name))
     elif "transformer" in report.components or "unet" in report.components:
         _note_folder(report, "transformer")
+
+
+# Formats whose marker, not the storage dtype, says what the weights are.
+_MARKED_FORMATS = ("svdq-int4", "svdq-fp4", "comfy-nvfp4", "comfy-mxfp8", "comfy-int8", "comfy-w4a4", "comfy-fp8",
+                   "fp8-scaled")
+_COMPONENT_ORDER = {name: i for i, name in enumerate(
+    ("transformer", "unet", "ae", "flux2_vae", "sd_vae", "clip_l", "clip_g", "t5xxl", "qwen3_4b", "qwen3_8b",
+     "mistral3_24b"))}
+
+
+def _component_kind(found: Classification) -> str | None:
+    """What one group of tensors is: the diffusion model ("transformer", or "unet" for SD UNets) or a part."""
+    row = found.family_row
+    if row is not None:
+        return "unet" if row.arch == "sd" and row.key != "sd3" else "transformer"
+    parts = sorted(found.parts, key=lambda p: _COMPONENT_ORDER.get(p, 99))
+    return parts[0] if parts else None
+
+
+def _folder_kind(component: str) -> str:
+    """EXPECTED_FOLDERS key for a component name."""
+    if component in ("transformer", "unet"):
+        return "transformer"
+    comp = F.COMPANIONS.get(component)
+    return comp.kind if comp is not None else component
+
+
+def _note_family(report: FileReport, whole: Classification) -> None:
+    row = whole.family_row
+    assert row is not None
+    if whole.decided_by in ("name", "metadata"):
+        report.notes.append(whole.decided_text())
+    elif len(whole.look_alikes) > 1:
+        others = [F.family(k).title for k in whole.look_alikes if k != whole.family]
+        verb = "has" if len(others) == 1 else "have"
+        report.notes.append(f"{' and '.join(others)} {verb} the same weights as {row.title}; neither the metadata "
+                            f"nor the file name says which, so this reads as {row.title}")
+    if whole.needs:
+        needs = ", ".join(F.part_title(p) for p in whole.needs)
+        report.notes.append(f"{row.title} also needs: {needs}")
+    hosts = [f"{title}: {text}" for title, text in report.runs_on.items()]
+    fmt_title = F.fmt(whole.format).title if whole.format in F.FORMATS else "this storage"
+    report.notes.append(f"{row.title} as {fmt_title} runs on " + "; ".join(hosts))
+
+
+def _key_naming(local: dict[str, Any], prefix: str) -> str | None:
+    """How the tensors are named: bfl / prefixed (BFL under model.diffusion_model.), diffusers, nunchaku, city96
+    (llama.cpp names in GGUF), hf (transformers), open_clip, ldm."""
+    keys = list(local)
+
+    def has(fragment: str) -> bool:
+        return any(fragment in k for k in keys)
+
+    if has(".qweight") and has("transformer_blocks."):
+        return "nunchaku"
+    if has("double_blocks.") or has("distilled_guidance_layer."):
+        return "prefixed" if prefix == FORGE_PREFIX else "bfl"
+    if has("enc.blk.") or any(k.startswith("blk.") or k == "token_embd.weight" for k in keys):
+        return "city96"
+    if has("transformer.resblocks."):
+        return "open_clip"
+    if has("text_model.") or has("encoder.block.") or has("layers.0.self_attn."):
+        return "hf"
+    if has("single_transformer_blocks.") or has("x_embedder.") or has("decoder.up_blocks.") \
+            or has("time_embedding.linear_1."):
+        return "diffusers"
+    if has("input_blocks.") or has("decoder.up.") or has("joint_blocks.") or has("decoder.conv_in."):
+        return "ldm"
+    return None
 
 
 def _split_components(tensors: list[_Tensor]) -> dict[str, tuple[str, list[_Tensor]]]:
@@ -360,119 +446,6 @@ def _split_components(tensors: list[_Tensor]) -> dict[str, tuple[str, list[_Tens
         prefix, group = next(((p, g) for p, g in _COMPONENT_PREFIXES if tensor.name.startswith(p)), ("", ""))
         groups.setdefault(group, (prefix, []))[1].append(tensor)
     return groups
-
-
-def _classify(group: str, local: dict[str, _Tensor]) -> tuple[str | None, str | None, str, dict[str, Any]]:
-    """(component, key naming, family, details) for one group of tensors with the group prefix removed."""
-    keys = local.keys()
-
-    def has(fragment: str) -> bool:
-        return any(fragment in k for k in keys)
-
-    if group in ("", "model"):
-        if FLUX_MARKER_KEY in local or has("double_blocks.0.img_attn."):
-            return ("transformer", "bfl", *_flux_family(local, diffusers=False))
-        if has("single_transformer_blocks.") and has("x_embedder."):
-            return ("transformer", "diffusers", *_flux_family(local, diffusers=True))
-        if has("joint_blocks.0.context_block."):
-            return "transformer", "ldm", "sd3", {}
-        if has("transformer_blocks.0.attn.add_q_proj.") and has("pos_embed.proj."):
-            return "transformer", "diffusers", "sd3", {}
-        if "input_blocks.0.0.weight" in local:
-            return ("unet", "ldm", *_unet_family(local, "input_blocks.", "label_emb.0.0.weight", "attn2.to_k.weight"))
-        if has("time_embedding.linear_1.") and has("down_blocks.0."):
-            return ("unet", "diffusers", *_unet_family(local, "down_blocks.", "add_embedding.linear_1.weight",
-                                                       "attn2.to_k.weight"))
-    if group in ("", "t5xxl") and (has("enc.blk.0.") or has("encoder.block.0.layer.0.SelfAttention.")):
-        naming = "city96" if has("enc.blk.") else "hf"
-        return "t5xxl", naming, "t5xxl", {}
-    if group in ("", "vae") and (has("decoder.conv_in.weight") or has("encoder.conv_in.weight")):
-        conv = next((t for k, t in local.items() if k.endswith("decoder.conv_in.weight")), None)
-        latent = conv.shape[1] if conv is not None and len(conv.shape) == 4 else None
-        naming = "diffusers" if has("decoder.up_blocks.") else "ldm"
-        family = "flux-ae" if latent == 16 else "sd-vae" if latent == 4 else "unknown"
-        return "vae", naming, family, {"latent_channels": latent}
-    if group in ("", "clip_l", "clip_g", "clip", "clip#1") and (has("text_model.encoder.layers.")
-                                                                  or has("transformer.resblocks.")):
-        naming = "open_clip" if has("transformer.resblocks.") else "hf"
-        width = _clip_width(local)
-        name = group if group in ("clip_l", "clip_g") else _CLIP_BY_WIDTH.get(width or 0, "clip")
-        return name, naming, name, {} if group else {"width": width}
-    return None, None, "unknown", {}
-
-
-def _flux_family(local: dict[str, _Tensor], diffusers: bool) -> tuple[str, dict[str, Any]]:
-    if diffusers:
-        img_in, guidance = "x_embedder", "time_text_embed.guidance_embedder."
-        double, single = "transformer_blocks.", "single_transformer_blocks."
-    else:
-        img_in, guidance, double, single = "img_in", "guidance_in.", "double_blocks.", "single_blocks."
-    in_channels = _in_features(local, img_in)
-    has_guidance = any(k.startswith(guidance) for k in local)
-    details: dict[str, Any] = {
-        "in_channels": in_channels,
-        "guidance": has_guidance,
-        "hidden_size": _out_features(local, img_in),
-        "double_blocks": _count_blocks(local, double),
-        "single_blocks": _count_blocks(local, single),
-    }
-    if in_channels == 64 or in_channels is None:
-        family = "flux-dev" if has_guidance else "flux-schnell"
-    elif in_channels == 384:
-        family = "flux-fill"
-    else:
-        family = "flux-other"  # e.g. 128 in-channels: Depth/Canny control models
-    return family, details
-
-
-def _unet_family(local: dict[str, _Tensor], blocks: str, adm_key: str, context_key: str) -> tuple[str, dict]:
-    context = next((t.shape[1] for k, t in sorted(local.items()) if k.startswith(blocks) and
-                    k.endswith(context_key) and len(t.shape) == 2), None)
-    adm = local[adm_key].shape[1] if adm_key in local and len(local[adm_key].shape) == 2 else None
-    conv_key = "input_blocks.0.0.weight" if blocks == "input_blocks." else "conv_in.weight"
-    conv = local.get(conv_key)
-    in_channels = conv.shape[1] if conv is not None and len(conv.shape) == 4 else None
-    if adm is not None or context == 2048:
-        family = "sdxl"
-    elif context == 768:
-        family = "sd15"
-    elif context == 1024:
-        family = "sd2"
-    else:
-        family = "unknown"
-    return family, {"context_dim": context, "adm_in_channels": adm, "in_channels": in_channels}
-
-
-def _in_features(local: dict[str, _Tensor], layer: str) -> int | None:
-    weight = local.get(f"{layer}.weight")
-    if weight is None:
-        return None
-    out = _out_features(local, layer)
-    if weight.dtype in ("NF4", "FP4") and out:  # packed (n/2, 1): recover in_features from the element count
-        return weight.parameters // out
-    return weight.shape[1] if len(weight.shape) == 2 else None
-
-
-def _out_features(local: dict[str, _Tensor], layer: str) -> int | None:
-    bias = local.get(f"{layer}.bias")
-    if bias is not None and len(bias.shape) == 1:
-        return bias.shape[0]
-    weight = local.get(f"{layer}.weight")
-    return weight.shape[0] if weight is not None and weight.dtype not in ("NF4", "FP4") else None
-
-
-def _count_blocks(local: dict[str, _Tensor], prefix: str) -> int:
-    indices = {int(m.group(1)) for k in local if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
-    return len(indices)
-
-
-def _clip_width(local: dict[str, _Tensor]) -> int | None:
-    for key, tensor in local.items():
-        if key.endswith(("final_layer_norm.weight", "ln_final.weight")) and len(tensor.shape) == 1:
-            return tensor.shape[0]
-        if key.endswith("token_embedding.weight") and len(tensor.shape) == 2:
-            return tensor.shape[1]
-    return None
 
 
 def _component(name: str, members: list[_Tensor], file_type: str | None) -> ComponentReport:

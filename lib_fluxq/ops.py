@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,11 +17,41 @@ from lib_fluxq.quant import dequantize, get_format, resolve_qtype
 _FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 
 
+class _WeightBuffers(threading.local):
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+
+
+_weight_buffers = _WeightBuffers()
+
+
+def shared_weight_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One grow-only buffer per (device, dtype, CUDA stream) and thread, viewed as ``shape``: the dequantized weight
+    of every QuantLinear lands there, so a forward allocates nothing per layer. (On CPU a fresh 75-150 MB weight per
+    call is above glibc's mmap threshold: new zeroed pages, page faults, every call.) Valid until the next
+    QuantLinear of the same thread, dtype and device runs."""
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (device, dtype, stream)
+    buffer = _weight_buffers.buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _weight_buffers.buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel].view(shape)
+
+
+def release_weight_buffers() -> None:
+    """Free this thread's shared weight buffers (e.g. after unloading a model)."""
+    _weight_buffers.buffers.clear()
+
+
 class QuantLinear(nn.Module):
     """``y = x W^T + b`` with ``W`` stored packed (uint8, GGML layout) and dequantized into ``x.dtype`` per call.
 
     The packed bytes are a non-float buffer, so ``module.to(dtype)`` leaves them alone while ``module.to(device)``
-    moves them; the bias follows the input dtype at call time.
+    moves them; the bias follows the input dtype at call time. Without autograd the weight is dequantized into the
+    thread's shared buffer (``shared_weight_buffer``); when autograd may keep it for backward, into a fresh tensor.
     """
 
     def __init__(self, in_features: int, out_features: int, qtype: GGMLQuantizationType | str | int,
@@ -46,7 +77,12 @@ class QuantLinear(nn.Module):
         return dequantize(self.packed_weight, self.qtype, (self.out_features, self.in_features), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.dequantized_weight(x.dtype)
+        shape = (self.out_features, self.in_features)
+        if torch.is_grad_enabled() and x.requires_grad:
+            weight = self.dequantized_weight(x.dtype)
+        else:
+            buffer = shared_weight_buffer(shape, x.dtype, self.packed_weight.device)
+            weight = dequantize(self.packed_weight, self.qtype, shape, x.dtype, out=buffer)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, weight, bias)
 

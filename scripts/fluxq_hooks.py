@@ -1,4 +1,5 @@
-"""WebUI entry point: installs fluxq's Forge load hook and its Settings section (nothing on A1111)."""
+"""WebUI entry point: installs fluxq's load hook and its Settings section where the WebUI has Forge's model loader
+(Forge, Forge Neo); elsewhere (A1111, reForge main) one console line says what is off."""
 
 import os
 import sys

@@ -316,7 +316,7 @@ def test_models_folder_unlistable(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     # Root ignores permission bits, so simulate the OS refusing to list the folder.
     def refuse(path: str) -> list[str]:
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(advisor.os, "listdir", refuse)
+    monkeypatch.setattr(os, "listdir", refuse)
     with pytest.raises(FluxqError, match="cannot list"):
         advisor.scan_models(str(tmp_path))
 
@@ -349,7 +349,7 @@ def test_gpu_weights_for_a_file_follow_its_level(tmp_path: Path, monkeypatch: py
     class Loaded:  # what Forge's loaded model exposes
         sd_checkpoint_info = type("Info", (), {"filename": str(path)})()
 
-    monkeypatch.setattr(advisor, "detect", lambda *_: hardware)
+    monkeypatch.setattr(advisor.plan, "detect", lambda *_: hardware)
     assert advisor.gpu_weights_mb_for_loaded_model(Loaded()) == planned.gpu_weights_mb.value
     assert advisor.gpu_weights_mb_for_loaded_model(object()) is None
     assert advisor.gpu_weights_mb_for_file(str(path), card(24, backend="cpu")) is None
@@ -368,3 +368,212 @@ def test_card_independent_vram_need_is_the_planners_need(level: str) -> None:
     assert advisor.transformer_vram_gb(level, weights, 512, 768) < need
     with pytest.raises(FluxqError, match="unknown weight level 'Q9'"):
         advisor.transformer_vram_gb("Q9", weights)
+
+
+# ------------------------------------------------------------------------------------ issue 17: advise's bad input
+def test_unknown_gpu_without_vram_asks_for_vram() -> None:
+    """An unknown card name alone cannot be planned for: one error line asking for --vram, no plan, no header."""
+    result = run_cli("--gpu", "RTX 9999")
+    assert result.returncode == 1, result.stdout
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --gpu 'RTX 9999' is not a card") and "--vram" in lines[0]
+    planned = run_cli("--gpu", "RTX 9999", "--vram", "10", "--ram", "32", "--json")
+    assert planned.returncode == 0, planned.stderr
+    data = json.loads(planned.stdout)
+    assert data["vram_gb"] == 10 and data["recommended"]["value"] in LEVELS and data["profile_assumed"]
+
+
+def test_planner_for_an_unknown_card_without_vram_says_so() -> None:
+    """The tab passes overrides straight to the Planner: an unknown name without VRAM is a reason, not a CPU plan."""
+    cpu = Hardware(backend="cpu", ram_total=32 * GIB, cpu_cores=4)
+    result = advise(with_overrides(cpu, gpu_name="RTX 9999"))
+    assert result.recommended.value is None and not result.cpu_only
+    assert "'RTX 9999' is not a card the advisor knows" in result.recommended.reason
+    assert "VRAM" in result.recommended.reason and "CPU" not in result.summary
+
+
+def test_models_folder_lists_broken_files_last(tmp_path: Path) -> None:
+    """advise --models: a truncated download and an empty file are listed as unreadable, with the inspector's
+    reason, after every readable file (they no longer vanish from the ranking)."""
+    import gguf
+
+    from tests.fixtures import random_flux_state_dict, recipe_qtype, write_gguf
+    good = tmp_path / "b-flux-Q4_0.gguf"
+    write_gguf(good, random_flux_state_dict(), recipe_qtype(gguf.GGMLQuantizationType.Q4_0))
+    (tmp_path / "a-truncated-Q8_0.gguf").write_bytes(good.read_bytes()[:2000])
+    (tmp_path / "c-empty.safetensors").write_bytes(b"")
+    result = run_cli("--models", str(tmp_path), "--vram", "12", "--ram", "32", "--json")
+    assert result.returncode == 0, result.stderr
+    files = json.loads(result.stdout)["files"]
+    assert [f["name"] for f in files][-2:] == ["a-truncated-Q8_0.gguf", "c-empty.safetensors"]
+    assert files[0]["name"] == "b-flux-Q4_0.gguf" and files[0]["verdict"] != "unreadable"
+    for broken in files[-2:]:
+        assert broken["verdict"] == "unreadable" and broken["reason"], broken
+    text = run_cli("--models", str(tmp_path), "--vram", "12", "--ram", "32").stdout
+    listed = [line for line in text.splitlines() if "a-truncated-Q8_0.gguf" in line]
+    assert len(listed) == 1 and listed[0].lstrip().startswith("unreadable")
+
+
+# ------------------------------------------------------------------- issue 16 item 9: RAM as the user will see it
+# Real-WebUI measurements (issue 16 / NEO_NOTES §2): peak RSS (GB) for the four files (GB) they loaded.
+MEASURED_RAM_PEAKS = {("forge", "host", "baked"): (17.0, 9.55), ("forge", "host", "mapped"): (21.3, 11.8),
+                      ("forge", "fluxq", "mapped"): (14.8, 11.8), ("neo", "host", "baked"): (18.2, 9.55),
+                      ("neo", "host", "mapped"): (16.7, 11.8)}
+
+
+@pytest.mark.parametrize("key", sorted(MEASURED_RAM_PEAKS))
+def test_ram_peak_factors_are_the_measured_ones(key: tuple[str, str, str]) -> None:
+    peak_gb, files_gb = MEASURED_RAM_PEAKS[key]
+    row = advisor.RAM_PEAKS[key]
+    assert row.measured and row.factor == pytest.approx(peak_gb / files_gb, rel=0.02), (key, row)
+    assert f"{peak_gb:.1f} GB" in row.source
+
+
+def test_ram_peak_follows_host_loader_and_type() -> None:
+    hardware = card(12, "RTX 3060", ram_gb=32)
+    fluxq, alone = Planner(hardware), Planner(hardware, fluxq_loading=False)
+    neo = Planner(hardware, host="neo", fluxq_loading=False)
+    files = 12 * 10 ** 9
+    q5, q4 = LEVELS["Q5_1"], LEVELS["Q4_0"]
+    assert fluxq.load_peak_bytes(q5, files) < alone.load_peak_bytes(q5, files)   # memory-mapped, not copied
+    assert fluxq.load_peak_bytes(q4, files) < alone.load_peak_bytes(q4, files)   # no double residency at bake
+    assert neo.load_peak_bytes(q5, files) < alone.load_peak_bytes(q5, files)     # Neo maps GGUFs itself
+    assert fluxq.ram_peak(q4) is advisor.RAM_PEAKS[("forge", "fluxq", "baked")]
+    assert fluxq.ram_peak(q5) is advisor.RAM_PEAKS[("forge", "fluxq", "mapped")]
+    assert fluxq.ram_peak(LEVELS["NF4"]) is advisor.SAFETENSORS_RAM_PEAK
+    with pytest.raises(FluxqError, match="unknown host"):
+        Planner(hardware, host="comfy")
+
+
+def test_ram_warning_is_what_fluxq_users_see() -> None:
+    """The old warning ("peaks at ~33 GB of RAM (2.63x, measured)") assumed Forge's own loading even with fluxq
+    installed. With fluxq a 32 GB machine loads the 24 GB plan's files without a warning; the host alone would not."""
+    with_fluxq = advise(card(24, "RTX 4090", ram_gb=32))
+    assert not any("RAM" in w for w in with_fluxq.warnings), with_fluxq.warnings
+    assert "2.63" not in json.dumps(with_fluxq.to_dict())
+    numbers = with_fluxq.text_encoder.numbers
+    assert numbers["ram_load_peak_gb"] <= 32
+    alone = advise(card(24, "RTX 4090", ram_gb=32), fluxq_loading=False)
+    assert alone.text_encoder.numbers["ram_load_peak_gb"] > numbers["ram_load_peak_gb"]
+    tight = advise(card(12, "RTX 3060", ram_gb=16), fluxq_loading=False)
+    warning = next(w for w in tight.warnings if "peaks at" in w)
+    assert "Forge without fluxq" in warning and ("1.81x" in warning or "1.78x" in warning), warning
+
+
+def test_text_encoder_precision_keeps_the_load_within_ram() -> None:
+    result = advise(card(12, "RTX 3060", ram_gb=16))
+    assert result.text_encoder.value["t5"] != "fp16"
+    assert "while loading" in result.text_encoder.reason
+
+
+# ------------------------------------------------------------------------------ issue 15: every family and format
+from lib_fluxq.families import FAMILIES  # noqa: E402
+
+PLANNED = [key for key, fam in FAMILIES.items() if fam.geometry is not None and fam.same_weights_as is None]
+
+
+@pytest.mark.parametrize("family", PLANNED)
+@pytest.mark.parametrize("vram_gb", [6, 8, 12, 16, 24])
+def test_every_family_gets_a_plan_or_a_better_family(family: str, vram_gb: float) -> None:
+    """On 6/8/12/16/24 GB every family gets a level, or a reason plus another family that does run well."""
+    result = advise(card(vram_gb, ram_gb=64), model=family, host="neo")
+    assert result.model == family and result.model_title == FAMILIES[family].title
+    assert {row["family"] for row in result.families} == set(PLANNED)
+    if result.recommended.value is None:
+        assert "won't fit" in result.recommended.reason
+        assert result.alternative is not None and result.alternative.value != family
+        assert result.alternative.numbers["fit"] in ("resident", "near-resident")
+    else:
+        assert result.recommended.value in LEVELS
+    text = render_text(result)
+    assert FAMILIES[family].title in text or "won't fit" in text
+
+
+# Published transformer files (GB): city96/FLUX.2-dev-gguf listing (via the family table's downloads), the BFL /
+# Comfy-Org bf16 single files (Klein 4B 7.75 GB; HF tree per smeltcore's Klein 4B recipes).
+@pytest.mark.parametrize("family,level,published_gb", [
+    ("flux2-dev", "Q4_K_S", 19.3), ("flux2-dev", "Q4_0", 19.3), ("flux2-dev", "Q5_K_S", 23.2),
+    ("flux2-klein-4b", "BF16", 7.75)])
+def test_family_weights_match_published_files(family: str, level: str, published_gb: float) -> None:
+    ours = transformer_bytes(LEVELS[level], FAMILIES[family].geometry) / 1e9
+    assert ours == pytest.approx(published_gb, rel=0.02), (family, level, ours)
+
+
+def _notes_flux2_shapes(h: int, double: int, single: int, ctx: int, guidance: bool) -> dict[str, tuple[int, int]]:
+    """FLUX.2 2-D weights as shared/FAMILY_NOTES.md §3 tabulates them from BFL flux2 model.py (M = 3H), written out
+    independently of lib_fluxq.flux; 1-D tensors are the 128-wide q/k norm scales (4 per double block, 2 per single)."""
+    m = 3 * h
+    shapes = {"img_in": (h, 128), "txt_in": (h, ctx), "time_in.in": (h, 256), "time_in.out": (h, h),
+              "mod_img": (6 * h, h), "mod_txt": (6 * h, h), "mod_single": (3 * h, h), "final.linear": (128, h),
+              "final.adaLN": (2 * h, h)}
+    if guidance:
+        shapes.update({"guidance.in": (h, 256), "guidance.out": (h, h)})
+    for i in range(double):
+        for s in ("img", "txt"):
+            shapes.update({f"double_blocks.{i}.{s}.qkv": (3 * h, h), f"double_blocks.{i}.{s}.proj": (h, h),
+                           f"double_blocks.{i}.{s}.mlp0": (2 * m, h), f"double_blocks.{i}.{s}.mlp2": (h, m)})
+    for i in range(single):
+        shapes.update({f"single_blocks.{i}.linear1": (3 * h + 2 * m, h), f"single_blocks.{i}.linear2": (h, h + m)})
+    return shapes
+
+
+@pytest.mark.parametrize("family,h,double,single,ctx,guidance,params_g", [
+    ("flux2-dev", 6144, 8, 48, 15360, True, 32.223), ("flux2-klein-9b", 4096, 8, 24, 12288, False, 9.079),
+    ("flux2-klein-4b", 3072, 5, 20, 7680, False, 3.876)])
+@pytest.mark.parametrize("level", ["Q8_0", "Q5_1", "Q4_K_S", "Q2_K"])
+def test_family_weights_by_an_independent_path(family: str, h: int, double: int, single: int, ctx: int,
+                                               guidance: bool, params_g: float, level: str) -> None:
+    """Weights per level = the notes' shapes quantized by gguf-py's GGML_QUANT_SIZES (block weights at the level,
+    the rest F16, norm scales F32): the advisor's figure must be that, and the parameter count the notes' one."""
+    import gguf
+
+    qtype = LEVELS[level].qtype
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    total = 0
+    params = 0
+    for name, (rows, cols) in _notes_flux2_shapes(h, double, single, ctx, guidance).items():
+        params += rows * cols
+        total += rows * cols // block * type_size if name.startswith(("double_", "single_")) else rows * cols * 2
+    norms = (4 * double + 2 * single) * 2 * 128
+    params += norms // 2
+    total += norms // 2 * 4
+    assert params / 1e9 == pytest.approx(params_g, abs=0.0015)
+    assert transformer_bytes(LEVELS[level], FAMILIES[family].geometry) == total
+
+
+def test_klein_4b_speed_matches_comfyuis_rtx_5090_figure() -> None:
+    """ComfyUI's FLUX.2 Klein tutorial (quoted by smeltcore's Klein 4B RTX 5090 recipe): distilled 4B, FP8,
+    ~1.2 s per 1024x1024 image at 4 steps on an RTX 5090, 8.4 GB VRAM. Our image time (steps x s/it) within 2x."""
+    planner = Planner(card(32, "NVIDIA GeForce RTX 5090", ram_gb=64), model="flux2-klein-4b", host="neo")
+    est = planner.estimate(LEVELS["FP8"])
+    assert est.fit == "resident" and est.step_s is not None
+    assert 1.2 / 2 <= est.step_s * 4 <= 1.2 * 2, est.step_s
+    assert est.need_gb <= 8.4 * 1.1   # the transformer's share of the published 8.4 GB peak
+
+
+def test_8gb_flux1_q4_versus_klein_9b_q8() -> None:
+    """An 8 GB user choosing between FLUX.1 dev Q4 and Klein 9B Q8 gets an answer: Klein 9B's Q8_0 (9.6 GB of
+    weights) cannot stay on an 8 GB card, FLUX.1 dev's Q4_0 can; Klein 9B's own plan is a lower level that fits,
+    and at its 4 steps it finishes an image sooner than dev at 20."""
+    hardware = card(8, "RTX 4060", ram_gb=32)
+    klein = Planner(hardware, model="flux2-klein-9b", host="neo")
+    dev = Planner(hardware, model="dev", host="neo")
+    assert klein.estimate(LEVELS["Q8_0"]).fit not in ("resident", "near-resident")
+    assert dev.estimate(LEVELS["Q4_0"]).fit in ("resident", "near-resident")
+    advice = advise(hardware, model="flux2-klein-9b", host="neo")
+    assert LEVELS[advice.recommended.value].fidelity_bits < LEVELS["Q8_0"].fidelity_bits
+    rows = {row["family"]: row for row in advice.families}
+    assert rows["flux2-klein-9b"]["image_s"] < rows["flux-dev"]["image_s"]
+    assert "Q8_0" in render_text(advice)
+
+
+def test_family_hosts_are_respected() -> None:
+    """Forge runs no FLUX.2: planning Klein for Forge warns and points at Neo; FLUX.2 dev runs poorly on 12 GB and
+    a family that runs well there is named with its numbers."""
+    forge = advise(card(12, "RTX 3060"), model="flux2-klein-4b", host="forge")
+    assert any("does not run FLUX.2 [klein] 4B" in w for w in forge.warnings)
+    dev2 = advise(card(12, "RTX 3060"), model="flux2-dev", host="neo")
+    assert dev2.alternative is not None and "s per image" in dev2.alternative.reason
+    with pytest.raises(FluxqError, match="unknown model 'flux3'"):
+        advise(card(12), model="flux3")

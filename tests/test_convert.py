@@ -436,3 +436,162 @@ def test_ctrl_c_in_the_cli_leaves_nothing(tmp_path, signame):
     assert proc.returncode == 130, err
     assert "interrupted" in err
     _assert_clean(tmp_path, {"src.safetensors"})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Every family: FLUX.2 dev / Klein, Chroma, Fill, Kontext (issue 15). Small widths, real names and layouts.
+
+from lib_fluxq.flux import CHROMA, FLUX2  # noqa: E402  (kept beside the family tests that need them)
+
+# Small-width stand-ins with each family's real layout. Rows stay multiples of 256 so every K-quant applies.
+FLUX2_KLEIN_SMALL = FluxConfig(arch=FLUX2, hidden=256, heads=2, depth=2, depth_single=2, mlp_ratio=3, in_channels=128,
+                               out_channels=128, context_in=768, vec_in=0, guidance=False)
+FLUX2_DEV_SMALL = FluxConfig(arch=FLUX2, hidden=256, heads=2, depth=1, depth_single=3, mlp_ratio=3, in_channels=128,
+                             out_channels=128, context_in=1024, vec_in=0, guidance=True)
+CHROMA_SMALL = FluxConfig(arch=CHROMA, hidden=256, heads=2, depth=2, depth_single=2, context_in=512, guidance=False,
+                          approximator_hidden=512, approximator_layers=2, approximator_in=64)
+FILL_SMALL = FluxConfig(hidden=256, heads=2, depth=1, depth_single=1, context_in=256, vec_in=256, in_channels=384)
+FAMILY_SHAPES = {"klein": FLUX2_KLEIN_SMALL, "flux2-dev": FLUX2_DEV_SMALL, "chroma": CHROMA_SMALL, "fill": FILL_SMALL}
+
+
+def _flux2_bfl_reference(h: int, m: int, depth: int, single: int, ctx: int, guidance: bool) -> dict[str, tuple]:
+    """FLUX.2's BFL keys and shapes as shared/FAMILY_NOTES.md §3 lists them from BFL flux2 ``model.py`` (written out
+    here, independently of lib_fluxq.flux): no biases, SwiGLU MLP ([2M, H] in, [H, M] out), model-wide modulation."""
+    ref = {"img_in.weight": (h, 128), "txt_in.weight": (h, ctx), "time_in.in_layer.weight": (h, 256),
+           "time_in.out_layer.weight": (h, h), "double_stream_modulation_img.lin.weight": (6 * h, h),
+           "double_stream_modulation_txt.lin.weight": (6 * h, h), "single_stream_modulation.lin.weight": (3 * h, h),
+           "final_layer.linear.weight": (128, h), "final_layer.adaLN_modulation.1.weight": (2 * h, h)}
+    if guidance:
+        ref.update({"guidance_in.in_layer.weight": (h, 256), "guidance_in.out_layer.weight": (h, h)})
+    for i in range(depth):
+        for s in ("img", "txt"):
+            ref.update({f"double_blocks.{i}.{s}_attn.qkv.weight": (3 * h, h),
+                        f"double_blocks.{i}.{s}_attn.norm.query_norm.scale": (128,),
+                        f"double_blocks.{i}.{s}_attn.norm.key_norm.scale": (128,),
+                        f"double_blocks.{i}.{s}_attn.proj.weight": (h, h),
+                        f"double_blocks.{i}.{s}_mlp.0.weight": (2 * m, h),
+                        f"double_blocks.{i}.{s}_mlp.2.weight": (h, m)})
+    for i in range(single):
+        ref.update({f"single_blocks.{i}.linear1.weight": (3 * h + 2 * m, h),
+                    f"single_blocks.{i}.linear2.weight": (h, h + m),
+                    f"single_blocks.{i}.norm.query_norm.scale": (128,),
+                    f"single_blocks.{i}.norm.key_norm.scale": (128,)})
+    return ref
+
+
+@pytest.mark.parametrize("family,qtype", [("klein", T.Q4_K), ("klein", T.Q8_0), ("flux2-dev", T.Q5_1),
+                                          ("chroma", T.Q4_0), ("chroma", T.Q6_K), ("fill", T.Q5_K)])
+def test_family_round_trip_matches_ggml(tmp_path, family, qtype):
+    """A BF16 source of each family's layout converts to GGUF: gguf-py reads back the names, shapes (ggml order
+    reversed) and types city96's recipe gives; the packed bytes are ggml_quantize_chunk's and our dequantization
+    equals ggml's to_float; general.architecture is "flux" for every family, as city96's loader expects."""
+    config = FAMILY_SHAPES[family]
+    sd = random_flux_state_dict(config, seed=7, dtype=torch.bfloat16)
+    src = write_safetensors(tmp_path / f"{family}-bf16.safetensors", sd)
+    result = convert_file(src, tmp_path / "o.gguf", qtype.name)
+    assert result.layout == "bfl" and result.n_quantized > 0
+    _check_against_ggml(tmp_path / "o.gguf", sd, qtype, src, config)
+
+
+def test_flux2_names_and_shapes_are_bfls(tmp_path):
+    """The converted Klein / FLUX.2 dev files carry exactly BFL's FLUX.2 keys and shapes (the notes' table), and
+    only the block weights are quantized: the model-wide modulations stay F16 as in city96/FLUX.2-dev-gguf."""
+    for config in (FLUX2_KLEIN_SMALL, FLUX2_DEV_SMALL):
+        sd = random_flux_state_dict(config, seed=1, dtype=torch.bfloat16)
+        src = write_safetensors(tmp_path / "f2.safetensors", sd)
+        convert_file(src, tmp_path / "f2.gguf", "Q8_0", force=True)
+        reader = gguf.GGUFReader(str(tmp_path / "f2.gguf"))
+        got = {t.name: (tuple(int(s) for s in reversed(t.shape)), t.tensor_type) for t in reader.tensors}
+        expected = _flux2_bfl_reference(config.hidden, config.mlp_hidden, config.depth, config.depth_single,
+                                        config.context_in, config.guidance)
+        assert {n: s for n, (s, _) in got.items()} == expected
+        for name, (shape, qtype) in got.items():
+            in_block = name.startswith(("double_blocks.", "single_blocks.")) and len(shape) == 2
+            assert qtype == (T.Q8_0 if in_block else T.F16 if len(shape) == 2 else T.F32), name
+
+
+def _flux2_diffusers_state_dict(bfl: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BFL FLUX.2 -> diffusers Flux2Transformer2DModel names, written from the notes' table (diffusers'
+    FLUX2_TRANSFORMER_KEYS_RENAME_DICT / _DOUBLE_BLOCK_KEY_MAP / _SINGLE_BLOCK_KEY_MAP), independently of convert.py."""
+    out: dict[str, torch.Tensor] = {}
+    top = {"img_in": "x_embedder", "txt_in": "context_embedder",
+           "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
+           "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
+           "guidance_in.in_layer": "time_guidance_embed.guidance_embedder.linear_1",
+           "guidance_in.out_layer": "time_guidance_embed.guidance_embedder.linear_2",
+           "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
+           "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
+           "single_stream_modulation.lin": "single_stream_modulation.linear", "final_layer.linear": "proj_out"}
+    double = {"img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out", "img_mlp.0": "ff.linear_in",
+              "img_mlp.2": "ff.linear_out", "txt_mlp.0": "ff_context.linear_in", "txt_mlp.2": "ff_context.linear_out",
+              "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
+              "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
+              "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
+              "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight"}
+    single = {"linear1": "attn.to_qkv_mlp_proj", "linear2": "attn.to_out",
+              "norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
+    for name, value in bfl.items():
+        stem = name.removesuffix(".weight")
+        if name == "final_layer.adaLN_modulation.1.weight":
+            shift, scale = value.chunk(2)
+            out["norm_out.linear.weight"] = torch.cat([scale, shift])
+        elif stem in top:
+            out[top[stem] + ".weight"] = value
+        elif name.startswith("double_blocks."):
+            _, i, rest = name.split(".", 2)
+            if rest.endswith("attn.qkv.weight"):
+                names = ("to_q", "to_k", "to_v") if rest.startswith("img") else ("add_q_proj", "add_k_proj",
+                                                                                  "add_v_proj")
+                for part, chunk in zip(names, value.chunk(3), strict=True):
+                    out[f"transformer_blocks.{i}.attn.{part}.weight"] = chunk.clone()
+            else:
+                key = double.get(rest) or double[rest.removesuffix(".weight")] + ".weight"
+                out[f"transformer_blocks.{i}.{key}"] = value
+        else:
+            _, i, rest = name.split(".", 2)
+            key = single.get(rest) or single[rest.removesuffix(".weight")] + ".weight"
+            out[f"single_transformer_blocks.{i}.{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize("config", [FLUX2_KLEIN_SMALL, FLUX2_DEV_SMALL], ids=["klein", "flux2-dev"])
+def test_flux2_diffusers_source_converts_back_to_bfl(tmp_path, config):
+    bfl = random_flux_state_dict(config, seed=4)
+    src = write_safetensors(tmp_path / "diffusion_pytorch_model.safetensors", _flux2_diffusers_state_dict(bfl))
+    result = convert_file(src, tmp_path / "o.gguf", "F32")
+    assert result.layout == "diffusers" and not result.skipped
+    reader = gguf.GGUFReader(str(tmp_path / "o.gguf"))
+    got = {t.name: np.asarray(t.data).reshape(tuple(reversed([int(s) for s in t.shape]))) for t in reader.tensors}
+    assert list(got) == list(bfl)
+    for name, value in bfl.items():
+        assert np.array_equal(got[name], value.numpy()), name
+
+
+def test_kontext_keeps_its_name(tmp_path):
+    """Kontext has dev's tensors: only the name tells them apart (Neo checks "kontext" in the path). The default
+    output keeps it, and general.name carries it for loaders and inspect that read metadata."""
+    sd = random_flux_state_dict(COMPACT_FLUX, seed=5, dtype=torch.bfloat16)
+    src = write_safetensors(tmp_path / "flux1-kontext-dev-bf16.safetensors", sd)
+    result = convert_file(src, None, "Q8_0")
+    assert os.path.basename(result.path) == "flux1-kontext-dev-Q8_0.gguf"
+    reader = gguf.GGUFReader(result.path)
+    assert _reader_value(reader, "general.name") == "flux1-kontext-dev-bf16"
+    _check_against_ggml(Path(result.path), sd, T.Q8_0, src, COMPACT_FLUX)
+
+
+@pytest.mark.parametrize("family,drop,needle", [
+    ("klein", "single_blocks.1.linear2.weight", "incomplete Flux transformer"),
+    ("chroma", "distilled_guidance_layer.out_proj.weight", "incomplete Flux transformer"),
+    ("klein", "txt_in.weight", "without 'txt_in.weight'")])
+def test_family_sources_missing_a_tensor_are_one_line(tmp_path, family, drop, needle):
+    sd = random_flux_state_dict(FAMILY_SHAPES[family], seed=2)
+    sd.pop(drop)
+    src = write_safetensors(tmp_path / "x.safetensors", sd)
+    digest = _sha256(src)
+    code = cli_main(["convert", str(src), "--to", "Q8_0", "-o", str(tmp_path / "o.gguf")])
+    assert code == 1
+    _assert_clean(tmp_path, {"x.safetensors"})
+    assert _sha256(src) == digest
+    with pytest.raises(FormatError, match=needle) as info:
+        convert_file(src, tmp_path / "o.gguf", "Q8_0")
+    assert "\n" not in str(info.value) and str(src) in str(info.value)

@@ -261,11 +261,13 @@ def test_unreachable_hub_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_catalog_covers_what_pairing_tells_users_to_download():
-    from lib_fluxq import pairing
-    for part, (repo, files, folder_kind, _) in pairing.DOWNLOADS.items():
+    from lib_fluxq import families
+    needed = {p for fam in families.FAMILIES.values() for p in fam.companions}
+    for part in needed:
+        comp = families.companion(part)
         entries = catalog.for_part(part)
-        assert {(e.repo, e.filename) for e in entries} == {(repo, f) for f in files}, part
-        assert {e.folder for e in entries} == {folder_kind}
+        assert {(e.repo, e.filename) for e in entries} == {(d.repo, d.path) for d in comp.downloads}, part
+        assert {e.folder for e in entries} == {comp.folder}
     keys = [e.key for e in catalog.CATALOG]
     assert len(keys) == len(set(keys))
     for entry in catalog.CATALOG:

@@ -16,17 +16,27 @@ import time
 from pathlib import Path
 
 import gguf
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from lib_fluxq import families
 from lib_fluxq.errors import FormatError
-from lib_fluxq.flux import FluxConfig
+from lib_fluxq.flux import (
+    CHROMA_HD,
+    FLUX2_DEV,
+    FLUX2_KLEIN_4B,
+    FLUX2_KLEIN_9B,
+    FLUX_DEV,
+    FLUX_FILL,
+    FLUX_SCHNELL,
+    FluxConfig,
+)
 from lib_fluxq.formats.gguf_header import read_gguf_header
 from lib_fluxq.formats.safetensors_header import read_safetensors_header
 from lib_fluxq.inspect import FileReport, inspect_file, scan
+from tests import family_files
 from tests.fixtures import SMALL_FLUX, random_flux_state_dict, recipe_qtype, write_gguf
 
 Q = gguf.GGMLQuantizationType
@@ -215,7 +225,7 @@ def test_city96_flux_gguf(tmp_path: Path, qtype: Q, level: str) -> None:
     r = inspect_file(path)
     assert r.status == "ok", r.error
     assert (r.family, r.key_naming, r.level, r.architecture) == ("flux-dev", "bfl", level, "flux")
-    assert r.components == ["transformer"] and r.missing_for_flux == ["clip_l", "t5xxl", "vae"]
+    assert r.components == ["transformer"] and r.missing_for_flux == ["clip_l", "t5xxl", "ae"]
     assert storage_of(r) == gguf_reference_storage(path)
     assert r.parameters == sum(v.numel() for v in sd.values())
     assert r.details["in_channels"] == 64 and r.details["guidance"] is True
@@ -231,15 +241,11 @@ def test_k_quant_mix_reads_as_m_and_file_type_wins(tmp_path: Path) -> None:
     write_gguf(tmp_path / "m.gguf", sd, mixed)
     assert inspect_file(tmp_path / "m.gguf").level == "Q4_K_M"
 
-    # llama-quantize records its own label in general.file_type; it beats the heuristic
-    writer = gguf.GGUFWriter(str(tmp_path / "ft.gguf"), arch="flux")
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M)
-    writer.add_tensor("double_blocks.0.img_attn.norm.key_norm.scale", np.ones(128, np.float32))
-    writer.add_tensor("double_blocks.0.img_attn.qkv.weight", np.zeros((8, 144), np.uint8), raw_dtype=Q.Q4_K)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    # llama-quantize records its own label in general.file_type; it beats the heuristic (a full-size FLUX.1 dev
+    # tensor table in Q4_K, header written by gguf-py, data sparse)
+    specs = family_files.flux_gguf_specs(FLUX_DEV, Q.Q4_K)
+    family_files.write_sparse_gguf(tmp_path / "ft.gguf", specs, "flux",
+                                   {"general.file_type": int(gguf.LlamaFileType.MOSTLY_Q4_K_M)})
     r = inspect_file(tmp_path / "ft.gguf")
     assert (r.level, r.level_source) == ("Q4_K_M", "general.file_type")
 
@@ -290,9 +296,9 @@ def test_nf4_all_in_one(tmp_path: Path, double_quant: bool, level: str) -> None:
     path = save(tmp_path / "flux1-dev-bnb-nf4.safetensors", sd)
     r = inspect_file(path)
     assert (r.family, r.key_naming, r.level) == ("flux-dev", "prefixed", level)
-    assert r.components == ["transformer", "vae", "clip_l", "t5xxl"] and r.missing_for_flux == []
+    assert r.components == ["transformer", "ae", "clip_l", "t5xxl"] and r.missing_for_flux == []
     levels = {c.name: c.level for c in r.component_details}
-    assert levels == {"transformer": level, "vae": "F16", "clip_l": "F16", "t5xxl": "FP8 e4m3fn"}
+    assert levels == {"transformer": level, "ae": "F16", "clip_l": "F16", "t5xxl": "FP8 e4m3fn"}
     transformer_report = r.component_details[0]
     assert transformer_report.parameters == n_params  # 4-bit packed weights count two values per byte
     assert transformer_report.bytes == sum(v.numel() * v.element_size() for v in transformer.values())
@@ -311,7 +317,7 @@ def test_city96_t5_gguf(tmp_path: Path) -> None:
     sd = write_city96_t5(tmp_path / "t5-v1_1-xxl-encoder-Q8_0.gguf")
     r = inspect_file(tmp_path / "t5-v1_1-xxl-encoder-Q8_0.gguf")
     assert (r.family, r.key_naming, r.components, r.level) == ("t5xxl", "city96", ["t5xxl"], "Q8_0")
-    assert r.missing_for_flux == ["transformer", "clip_l", "vae"]
+    assert r.missing_for_flux == []   # a part file: nothing is missing *from it*
     assert r.architecture == "t5encoder" and r.tensors == len(sd)
 
 
@@ -321,16 +327,16 @@ def test_text_encoders_and_vaes(tmp_path: Path) -> None:
         "t5xxl_fp16.safetensors": (hf_t5_keys(), "t5xxl", "hf"),
         "clip_l.safetensors": (hf_clip_keys("", 768), "clip_l", "hf"),
         "clip_g.safetensors": (hf_clip_keys("", 1280), "clip_g", "hf"),
-        "ae.safetensors": (ldm_vae_keys("", 16), "flux-ae", "ldm"),
-        "sd-vae.safetensors": (ldm_vae_keys("", 4), "sd-vae", "ldm"),
+        "ae.safetensors": (ldm_vae_keys("", 16), "ae", "ldm"),
+        "sd-vae.safetensors": (ldm_vae_keys("", 4), "sd_vae", "ldm"),
     }
     vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
                         block_out_channels=(8,), latent_channels=16, norm_num_groups=4)
-    cases["diffusers-vae.safetensors"] = (vae.state_dict(), "flux-ae", "diffusers")
+    cases["diffusers-vae.safetensors"] = (vae.state_dict(), "ae", "diffusers")
     for name, (sd, family, naming) in cases.items():
         r = inspect_file(save(tmp_path / name, sd))
         assert (r.family, r.key_naming) == (family, naming), name
-    assert inspect_file(tmp_path / "ae.safetensors").missing_for_flux == ["transformer", "clip_l", "t5xxl"]
+    assert inspect_file(tmp_path / "ae.safetensors").components == ["ae"]
 
 
 def test_sd_checkpoints_agree_with_diffusers(tmp_path: Path) -> None:
@@ -348,9 +354,9 @@ def test_sd_checkpoints_agree_with_diffusers(tmp_path: Path) -> None:
            **ldm_vae_keys("first_stage_model.", 16), **hf_clip_keys("text_encoders.clip_l.transformer.", 768),
            **hf_clip_keys("text_encoders.clip_g.transformer.", 1280),
            **hf_t5_keys("text_encoders.t5xxl.transformer.")}
-    expected = {"sd15": (sd15, "v1", ["unet", "vae", "clip_l"]), "sd2": (sd2, "v2", ["unet", "vae"]),
-                "sdxl": (sdxl, "xl_base", ["unet", "vae", "clip_l", "clip_g"]),
-                "sd3": (sd3, "sd3", ["transformer", "vae", "clip_l", "clip_g", "t5xxl"])}
+    expected = {"sd15": (sd15, "v1", ["unet", "sd_vae", "clip_l"]), "sd2": (sd2, "v2", ["unet", "sd_vae"]),
+                "sdxl": (sdxl, "xl_base", ["unet", "sd_vae", "clip_l", "clip_g"]),
+                "sd3": (sd3, "sd3", ["transformer", "ae", "clip_l", "clip_g", "t5xxl"])}
     for family, (sd, diffusers_type, components) in expected.items():
         path = save(tmp_path / f"{family}.safetensors", sd)
         assert diffusers_reference_type(path) == diffusers_type  # the key set is what diffusers calls it
@@ -549,14 +555,89 @@ def test_cli_json_and_table(tmp_path: Path) -> None:
     flux = data["flux.gguf"]
     import hashlib
     assert flux["sha256"] == hashlib.sha256((tmp_path / "flux.gguf").read_bytes()).hexdigest()
-    documented = {"schema", "path", "status", "error", "format", "file_size", "folder", "family", "key_naming",
-                  "level", "level_source", "parameters", "tensors", "storage", "storage_summary", "components",
-                  "component_details", "missing_for_flux", "details", "lora", "architecture", "metadata", "sha256",
-                  "header_bytes_read", "notes"}
+    documented = {"schema", "path", "status", "error", "format", "file_size", "folder", "family", "family_title",
+                  "decided_by", "key_naming", "level", "level_source", "quant_format", "runs_on", "parameters",
+                  "tensors", "storage", "storage_summary", "components", "component_details", "missing_for_flux",
+                  "details", "lora", "architecture", "metadata", "sha256", "header_bytes_read", "notes"}
     assert set(flux) == documented
     assert (flux["family"], flux["level"], data["empty.safetensors"]["status"]) == ("flux-dev", "Q4_0",
                                                                                    "unreadable")
     table = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     assert table.returncode == 0
     assert "flux-dev" in table.stdout and "unreadable:" in table.stdout and "Q4_0" in table.stdout
-    assert "also select: clip_l, t5xxl, vae" in table.stdout
+    assert "also select: clip_l, t5xxl, ae" in table.stdout
+
+
+# ------------------------------------------------------------------- every family, companion and format, with hosts
+
+def _st(path: Path, specs: dict, metadata: dict | None = None) -> Path:
+    return family_files.write_sparse_safetensors(path, specs, metadata)
+
+
+def _gg(path: Path, specs: dict, arch: str) -> Path:
+    return family_files.write_sparse_gguf(path, specs, arch)
+
+
+ff = family_files
+FAMILY_CASES = {
+    # name: (writer, family, level, quant format, components, missing parts, Forge runs, Neo runs)
+    "klein-4b bf16": (lambda d: _st(d / "m.safetensors", ff.flux_specs(FLUX2_KLEIN_4B)), "flux2-klein-4b", "BF16",
+                      "bf16", ["transformer"], ["qwen3_4b", "flux2_vae"], False, True),
+    "klein-9b Q8_0": (lambda d: _gg(d / "m.gguf", ff.flux_gguf_specs(FLUX2_KLEIN_9B, Q.Q8_0), "flux"),
+                      "flux2-klein-9b", "Q8_0", "gguf", ["transformer"], ["qwen3_8b", "flux2_vae"], False, True),
+    "flux2-dev Q4_K_S": (lambda d: _gg(d / "m.gguf", ff.flux_gguf_specs(FLUX2_DEV, Q.Q4_K), "flux"), "flux2-dev",
+                         "Q4_K_S", "gguf", ["transformer"], ["mistral3_24b", "flux2_vae"], False, False),
+    "chroma Q8_0": (lambda d: _gg(d / "m.gguf", ff.flux_gguf_specs(CHROMA_HD, Q.Q8_0), "flux"), "chroma", "Q8_0",
+                    "gguf", ["transformer"], ["t5xxl", "ae"], True, True),
+    "fill bf16": (lambda d: _st(d / "m.safetensors", ff.flux_specs(FLUX_FILL)), "flux-fill", "BF16", "bf16",
+                  ["transformer"], ["clip_l", "t5xxl", "ae"], False, False),
+    "kontext by name": (lambda d: _gg(d / "flux1-kontext-dev-Q4_0.gguf", ff.flux_gguf_specs(FLUX_DEV, Q.Q4_0),
+                                      "flux"), "flux-kontext", "Q4_0", "gguf", ["transformer"],
+                        ["clip_l", "t5xxl", "ae"], False, True),
+    "SVDQ INT4": (lambda d: _st(d / "m.safetensors", *ff.nunchaku_flux_specs(False)), "flux-dev",
+                  "SVDQuant INT4 (Nunchaku)", "svdq-int4", ["transformer"], ["clip_l", "t5xxl", "ae"], False, True),
+    "SVDQ FP4": (lambda d: _st(d / "m.safetensors", *ff.nunchaku_flux_specs(True)), "flux-dev",
+                 "SVDQuant NVFP4 (Nunchaku)", "svdq-fp4", ["transformer"], ["clip_l", "t5xxl", "ae"], False, True),
+    "Comfy nvfp4": (lambda d: _st(d / "m.safetensors", *ff.flux_comfy_mixed_specs(FLUX_DEV, "nvfp4", True)),
+                    "flux-dev", "NVFP4 mixed (Comfy quant)", "comfy-nvfp4", ["transformer"],
+                    ["clip_l", "t5xxl", "ae"], False, True),
+    "fp8 scaled": (lambda d: _st(d / "m.safetensors", ff.flux_scaled_fp8_specs(FLUX_SCHNELL)), "flux-schnell",
+                   "fp8 scaled (Comfy legacy)", "fp8-scaled", ["transformer"], ["clip_l", "t5xxl", "ae"], True, True),
+    "qwen3-4b": (lambda d: _st(d / "m.safetensors", ff.llm_specs(ff.QWEN3_4B)), "qwen3_4b", "BF16", "bf16",
+                 ["qwen3_4b"], [], None, None),
+    "mistral GGUF": (lambda d: _gg(d / "m.gguf", ff.llm_gguf_specs(ff.MISTRAL_24B, gguf.MODEL_ARCH.LLAMA, Q.Q4_K),
+                                   "llama"), "mistral3_24b", "Q4_K_S", "gguf", ["mistral3_24b"], [], None, None),
+    "FLUX.2 VAE": (lambda d: _st(d / "m.safetensors", ff.vae_specs(32, flux2=True)), "flux2_vae", "F32", "fp32",
+                   ["flux2_vae"], [], None, None),
+}
+
+
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
+def test_inspect_names_family_format_parts_and_hosts(tmp_path: Path, case: str) -> None:
+    write, family, level, quant, components, missing, forge, neo = FAMILY_CASES[case]
+    r = inspect_file(write(tmp_path))
+    assert r.status == "ok", r.error
+    assert (r.family, r.level, r.quant_format, r.components, r.missing_for_flux) == \
+        (family, level, quant, components, missing)
+    assert r.lora is None
+    if forge is None:
+        assert r.runs_on == {}
+        return
+    assert r.family_title == families.family(family).title
+    assert r.runs_on["Forge (dfdcbab6)"].startswith("yes" if forge else "no")
+    assert r.runs_on["Forge Neo (2.26)"].startswith("yes" if neo else "no")
+    assert any(n.startswith(f"{r.family_title} as ") and "Forge Neo" in n for n in r.notes)
+
+
+def test_inspect_says_svdq_needs_nunchaku_on_neo(tmp_path: Path) -> None:
+    r = inspect_file(FAMILY_CASES["SVDQ INT4"][0](tmp_path))
+    assert r.runs_on["Forge Neo (2.26)"].startswith("yes (needs Nunchaku")
+    assert r.runs_on["Forge (dfdcbab6)"] == "no (no Nunchaku support)"
+
+
+def test_inspect_says_what_decided_a_look_alike(tmp_path: Path) -> None:
+    named = inspect_file(FAMILY_CASES["kontext by name"][0](tmp_path))
+    assert named.decided_by == "name" and any(n.startswith("decided by: name") for n in named.notes)
+    neutral = inspect_file(_gg(tmp_path / "x.gguf", ff.flux_gguf_specs(FLUX_DEV, Q.Q8_0), "flux"))
+    assert neutral.family == "flux-dev" and neutral.decided_by == "content"
+    assert any("Kontext" in n and "same weights" in n for n in neutral.notes)

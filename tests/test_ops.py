@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 from torch import nn
 
+from lib_fluxq import ops as ops_module
 from lib_fluxq.flux import flux_param_shapes
 from lib_fluxq.formats.gguf import open_gguf
 from lib_fluxq.ops import QuantLinear, swap_quantized_linears
@@ -137,3 +138,32 @@ def test_flux_transformer_forward_through_quantized_linears(tmp_path: Path, qtyp
         expected, actual = reference(**inputs), quantized(**inputs)
     assert expected.shape == (1, h * w, SMALL_FLUX.in_channels)
     assert torch.equal(actual, expected)
+
+
+def test_forward_shares_one_weight_buffer_across_layers_and_shapes() -> None:
+    """Two layers of different shapes run into the same storage (no per-call allocation), results stay exact, and
+    with autograd on the weight is fresh so backward sees the right one."""
+    from lib_fluxq.ops import release_weight_buffers
+
+    release_weight_buffers()
+    rng = np.random.default_rng(5)
+    layers, weights = [], []
+    for rows, cols, qtype in ((96, 512, T.Q8_0), (64, 256, T.Q4_K), (32, 256, T.IQ4_XS)):  # largest first
+        values = rng.standard_normal((rows, cols)).astype(np.float32)
+        packed = ggml_ref.quantize(values, qtype)
+        layers.append(QuantLinear(cols, rows, qtype, torch.from_numpy(packed.copy()).view(-1)))
+        weights.append(torch.from_numpy(ggml_ref.dequantize(packed.reshape(-1), qtype, rows * cols)).view(rows, cols))
+    pointers = set()
+    for dtype in (torch.float32, torch.bfloat16):
+        for layer, weight in zip(layers, weights, strict=True):
+            x = torch.randn(4, layer.in_features).to(dtype)
+            with torch.no_grad():
+                assert torch.equal(layer(x), F.linear(x, weight.to(dtype)))
+            pointers.add((dtype, ops_module._weight_buffers.buffers[(torch.device("cpu"), dtype, None)].data_ptr()))
+    assert len(pointers) == 2   # one buffer per dtype, never regrown
+    x = torch.randn(4, 256, requires_grad=True)
+    y = layers[1](x)
+    with torch.no_grad():
+        layers[2](torch.randn(4, 256))                      # would overwrite a shared weight kept for backward
+    y.sum().backward()
+    assert torch.allclose(x.grad, weights[1].sum(0).expand(4, 256), atol=1e-5)

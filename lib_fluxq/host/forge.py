@@ -1,33 +1,49 @@
-"""The Forge load hook: wraps Forge's model-loading functions (Forge has no "before load" callback).
+"""The load hook for Forge-family WebUIs (Forge dfdcbab6, Forge Neo): wraps the host's model loading (it has no
+"before load" callback) and adds only what the running host lacks.
 
-What it does on each load (each part has its own setting in Settings -> fluxq, all on except the GPU Weights one):
+``install()`` first probes the host (lib_fluxq.host.probe: signatures, attribute names, one tiny behaviour check),
+then enables the patches this host needs and says once at startup which ones it skipped and why. What each does
+(each has its own switch in Settings -> fluxq; the section lists only the ones that apply on this host):
 - Flux/Chroma checkpoint without CLIP-L / T5-XXL / VAE: adds the matching files from "VAE / Text Encoder" folders,
   chosen by content (lib_fluxq.pairing); if none exist, stops at once with the exact files to download, instead of
-  Forge's "You do not have CLIP state dict!" after reading the whole file.
-- SD1.5/SDXL/SD3 checkpoint: leaves out selected Flux-only modules (Flux VAE, T5, lone CLIP-L) that break it.
-- GGUF: tensors stay memory-mapped (Forge copies the whole file into RAM, then copies it again into the model).
-- GGUF IQ4_NL / IQ4_XS: registered in backend.operations_gguf.quants_mapping, dequantized by lib_fluxq.
-- GGUF + LoRA: re-quantization for every type (Forge does only Q4_0/Q5_0/Q8_0).
+  the host's "You do not have CLIP state dict!" after reading the whole file.
+- SD1.5/SDXL/SD3 checkpoint: leaves out selected Flux-only modules (Flux VAE, T5, lone CLIP-L) that break it, and
+  out of the image's infotext and the host's "Loading Model:" line too.
+- GGUF memory-mapping (hosts that copy the file into RAM, i.e. Forge; Neo maps it itself).
+- GGUF IQ4_NL / IQ4_XS registered in the host's type table, keyed by the host's own gguf enum.
+- GGUF forward: every type dequantized by fluxq (exact, into a reused buffer) without the host's bake copy of
+  Q4_0 / Q4_1 / Q8_0 / Q4_K (lib_fluxq/host/forge_gguf.py).
+- GGUF + LoRA: re-quantization for every type where the host merges LoRA into GGUF weights (Forge re-quantizes
+  only Q4_0/Q5_0/Q8_0), with one console line per refresh; where the host applies LoRA to GGUF on the fly every
+  step (Neo), an optional merge-once.
+- A missing part is one line in the UI and one in the console (lib_fluxq.host.user_errors).
 
-Every name is wrapped at every module that bound it at import time (FORGE_NOTES §4). Installing twice is a no-op.
-Any exception raised by fluxq's own code falls through to Forge's original behaviour with one console line.
-Only this module (and lib_fluxq/ui) imports Forge's ``modules`` / ``backend`` packages, lazily.
+Every wrapper takes ``*args, **kwargs``, hands them on unchanged and returns what it got back. Any exception raised
+by fluxq's own code falls back to the host's own behaviour with one console line. Only lib_fluxq/host and
+lib_fluxq/ui import the WebUI's ``modules`` / ``backend`` packages, lazily.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import os
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from lib_fluxq.host import user_errors, webui
+from lib_fluxq.host.patching import MARK, installed, patch_attr, patch_item, restore_all, wrap_binding
+from lib_fluxq.host.probe import Capabilities, probe
 from lib_fluxq.pairing import MissingComponentsError, choose_pairing, describe_file, describe_files
 
 LOG_PREFIX = "[fluxq]"
 SECTION = ("fluxq", "fluxq")
-MARK = "__fluxq_original__"
+NEEDS_LOADER = ("fluxq: this WebUI has no Forge model loader (backend.loader.forge_loader), so Flux loading, pairing "
+                "and the GGUF extras are off here; the Flux Quant tab (machine, advisor, inspect, convert, compare) "
+                "and the refine script work")
 
 
 @dataclass(frozen=True)
@@ -35,36 +51,64 @@ class Setting:
     key: str
     default: bool
     label: str
+    patch: str = "load"     # the patch it switches; the setting is listed only where that patch is active
 
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("fluxq_pair_components", True,
             "Flux: add missing CLIP-L / T5-XXL / VAE from the 'VAE / Text Encoder' folders (chosen by content)"),
     Setting("fluxq_missing_check", True,
-            "Flux: when a part is missing, stop before reading the checkpoint and say which files to download"),
+            "Flux: when a part is missing and none is on disk, stop before reading the checkpoint and say which files "
+            "to download (with the setting above on)"),
     Setting("fluxq_drop_mismatched", True,
             "Leave out selected Flux-only VAE / text encoders when loading SD1.5 / SDXL / SD3 (and SD VAEs for Flux)"),
-    Setting("fluxq_gguf_mmap", True, "GGUF: keep tensors memory-mapped instead of copying the file into RAM"),
-    Setting("fluxq_gguf_iq4", True, "GGUF: load IQ4_NL / IQ4_XS files (needs a restart to change)"),
+    Setting("fluxq_gguf_mmap", True, "GGUF: keep tensors memory-mapped instead of copying the file into RAM", "mmap"),
+    Setting("fluxq_gguf_iq4", True, "GGUF: load IQ4_NL / IQ4_XS files (needs a restart to change)", "iq4"),
+    Setting("fluxq_gguf_forward", True, "GGUF: dequantize every type with fluxq (exact; no second copy of Q4_0 / "
+                                        "Q4_1 / Q8_0 / Q4_K in RAM); applies at the next model load", "gguf_forward"),
     Setting("fluxq_lora_requant", True, "GGUF + LoRA: re-quantize every type (Q2_K..Q6_K, Q4_1, Q5_1, IQ4), "
-                                        "not only Q4_0/Q5_0/Q8_0"),
-    Setting("fluxq_apply_gpu_weights", False, "Flux: set 'GPU Weights' to the advisor's value when a Flux model loads"),
+                                        "not only Q4_0/Q5_0/Q8_0", "lora_requant"),
+    Setting("fluxq_lora_merge", False, "GGUF + LoRA: merge the LoRA once and re-quantize, instead of applying it "
+                                       "in fp16 at every step", "lora_merge"),
+    Setting("fluxq_apply_gpu_weights", False, "Flux: set 'GPU Weights' to the advisor's value when a Flux model loads",
+            "gpu_weights"),
 )
 _DEFAULTS = {s.key: s.default for s in SETTINGS}
 
-# Module attributes that bind the same Forge function (FORGE_NOTES §4): all must point at the wrapper.
-BINDINGS: dict[str, tuple[str, ...]] = {
-    "forge_model_reload": ("modules.sd_models", "modules.processing"),
-    "forge_loader": ("backend.loader", "modules.sd_models"),
-    "load_torch_file": ("backend.utils", "backend.loader", "modules.sd_models"),
+# What a skipped patch means for the user, said once at startup.
+SKIP_REASONS = {
+    "mmap": "GGUF memory-mapping (this WebUI keeps GGUF files mapped itself)",
+    "lora_requant": "LoRA re-quantization (this WebUI does not merge LoRAs into GGUF weights)",
+    "lora_merge": "merge-once LoRA (this WebUI merges LoRAs into GGUF weights itself)",
+    "quiet_errors": "one-line missing-part errors (this WebUI's generation thread has an unknown shape)",
+    "infotext": "infotext without left-out modules (no processing.create_infotext)",
+    "gpu_weights": "advised GPU Weights (no GPU Weights setting found)",
 }
 
-# What we changed, to restore on uninstall(): (kind, id(target), name) -> (target, original).
-_installed: dict[tuple[str, int, Any], tuple[Any, Any]] = {}
-_wrappers: dict[int, Callable[..., Any]] = {}   # id(original) -> its one wrapper, shared by all bindings
-_callbacks_registered: list[bool] = []
-_announced: list[bool] = []
+
+@dataclass
+class _State:
+    caps: Capabilities | None = None
+    active: set[str] = field(default_factory=set)         # patches in place
+    skipped: dict[str, str] = field(default_factory=dict)  # patch -> why not
+    callbacks: bool = False
+    announced: bool = False
+
+
+_state = _State()
 last_plan: dict[str, Any] = {}       # what the last load did (for the UI / tests): added, dropped, missing
+
+
+@dataclass
+class _LoadedWith:
+    """The modules the current model was really loaded with, where that differs from the user's selection."""
+
+    model: Any            # weakref to the loaded model
+    selected: list[str]   # the user's selection at load time
+    modules: list[str]    # what the loader got
+
+
+_loaded: list[_LoadedWith] = []
 
 
 def log(message: str) -> None:
@@ -72,26 +116,27 @@ def log(message: str) -> None:
 
 
 def is_forge() -> bool:
-    """Forge (not A1111): ``modules_forge`` imports."""
-    try:
-        importlib.import_module("modules_forge")
-    except ImportError:
-        return False
-    return True
+    """A WebUI with Forge's model loader (Forge, Neo)."""
+    caps = _state.caps or probe()
+    return caps.forge_loader
+
+
+def capabilities() -> Capabilities | None:
+    """What ``install`` found (None before it ran)."""
+    return _state.caps
+
+
+def active_patches() -> frozenset[str]:
+    return frozenset(_state.active)
 
 
 def setting(key: str) -> bool:
-    """Current value of one of our settings (its default until Forge's options know it)."""
-    try:
-        from modules import shared
-        value = shared.opts.data.get(key, _DEFAULTS[key])
-    except Exception:  # options not ready (early import, tests without a host)
-        value = _DEFAULTS[key]
-    return bool(value)
+    """Current value of one of our settings (its default until the WebUI's options know it)."""
+    return bool(webui.option(key, _DEFAULTS[key]))
 
 
 def _fallback(where: str, exc: BaseException) -> None:
-    log(f"{where} failed ({type(exc).__name__}: {exc}); using Forge's own behaviour for this load")
+    log(f"{where} failed ({type(exc).__name__}: {exc}); using the WebUI's own behaviour for this load")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -99,96 +144,128 @@ def _fallback(where: str, exc: BaseException) -> None:
 
 
 def install() -> bool:
-    """Wrap Forge's loader functions and register GGUF extras. False (and nothing done) outside Forge."""
-    if not is_forge():
+    """Probe the host, then patch what it lacks. False (and nothing patched) without Forge's loader."""
+    if _state.caps is not None:
+        return _state.caps.forge_loader   # installing twice changes nothing
+    caps = probe()
+    if not caps.webui:
+        return False   # not inside a WebUI (tests, the standalone app): nothing to remember
+    _state.caps = caps
+    if not caps.forge_loader:
+        if not _state.announced:
+            _state.announced = True
+            log(NEEDS_LOADER)
         return False
-    factories = {"forge_model_reload": _wrap_model_reload, "forge_loader": _wrap_forge_loader,
-                 "load_torch_file": _wrap_load_torch_file}
-    for name, module_names in BINDINGS.items():
-        for module_name in module_names:
-            try:
-                module = importlib.import_module(module_name)
-            except Exception as exc:
-                _fallback(f"import {module_name}", exc)
-                continue
-            _wrap_binding(module, name, factories[name])
-    try:
-        _install_gguf_extras()
-    except Exception as exc:
-        _fallback("GGUF extras", exc)
-    if _installed and not _announced:
-        _announced.append(True)
-        log(f"Forge load hook active ({sum(1 for k in _installed if k[0] == 'attr')} patches; Settings -> fluxq)")
+    for module_name in caps.bindings["forge_model_reload"]:
+        if wrap_binding(importlib.import_module(module_name), "forge_model_reload", _wrap_model_reload):
+            _state.active.add("load")
+    steps: tuple[tuple[str, Callable[[Capabilities], str | None]], ...] = (
+        ("mmap", _install_mmap), ("iq4", _install_iq4), ("gguf_forward", _install_gguf_forward),
+        ("lora_requant", _install_lora_requant),
+        ("lora_merge", _install_lora_merge), ("quiet_errors", _install_quiet_errors),
+        ("infotext", _install_infotext), ("gpu_weights", _check_gpu_weights))
+    for name, step in steps:
+        try:
+            reason = step(caps)
+        except Exception as exc:
+            reason = f"{name} could not be installed ({type(exc).__name__}: {exc})"
+        if reason is None:
+            _state.active.add(name)
+        else:
+            _state.skipped[name] = reason
+    _announce(caps)
     return True
+
+
+def _announce(caps: Capabilities) -> None:
+    if _state.announced:
+        return
+    _state.announced = True
+    log(f"Forge load hook active ({len(installed())} patches; Settings -> fluxq)")
+    if _state.skipped:
+        log("not needed or not possible here: " + "; ".join(_state.skipped.values()))
+    for problem in caps.problems:
+        log(f"probe: {problem}")
 
 
 def uninstall() -> None:
     """Put every original back (tests; also a manual off switch)."""
-    for (kind, _, name), (target, original) in reversed(list(_installed.items())):
-        if kind == "attr" and original is _ABSENT:
-            delattr(target, name)
-        elif kind == "attr":
-            setattr(target, name, original)
-        elif kind == "dict":
-            if original is _ABSENT:
-                target.pop(name, None)
-            else:
-                target[name] = original
-    _installed.clear()
-    _wrappers.clear()
-    _callbacks_registered.clear()
-    _announced.clear()
-
-
-_ABSENT = object()
-
-
-def _wrap_binding(module: Any, name: str, factory: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
-    current = getattr(module, name, None)
-    if current is None or hasattr(current, MARK):
-        return  # absent in this Forge version, or already ours: installing twice changes nothing
-    wrapper = _wrappers.get(id(current))
-    if wrapper is None:
-        wrapper = factory(current)
-        setattr(wrapper, MARK, current)
-        _wrappers[id(current)] = wrapper
-    _installed[("attr", id(module), name)] = (module, current)
-    setattr(module, name, wrapper)
-
-
-def _patch_attr(target: Any, name: str, value: Any) -> None:
-    key = ("attr", id(target), name)
-    if key not in _installed:
-        # On a class, remember only what the class itself defines (an inherited method is restored by deleting).
-        original = target.__dict__.get(name, _ABSENT) if isinstance(target, type) else getattr(target, name)
-        _installed[key] = (target, original)
-    setattr(target, name, value)
-
-
-def _patch_item(mapping: dict[Any, Any], key: Any, value: Any) -> None:
-    marker = ("dict", id(mapping), key)
-    if marker not in _installed:
-        _installed[marker] = (mapping, mapping.get(key, _ABSENT))
-    mapping[key] = value
+    restore_all()
+    _state.caps = None
+    _state.active.clear()
+    _state.skipped.clear()
+    _state.callbacks = False
+    _state.announced = False
+    _loaded.clear()
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# forge_model_reload: nothing changes the load itself here (the hash Forge caches on must stay the user's); after a
-# load, optional follow-ups.
+# forge_model_reload: decide the module list before the host hashes, prints and loads; afterwards, optional steps.
 
 
 def _wrap_model_reload(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def forge_model_reload(*args: Any, **kwargs: Any) -> Any:
-        result = original(*args, **kwargs)
         try:
-            sd_model, just_reloaded = result
-            if just_reloaded and setting("fluxq_apply_gpu_weights") and is_flux_model(sd_model):
-                apply_advised_gpu_weights(sd_model)
+            swap = _plan_reload()
+        except MissingComponentsError:
+            raise
         except Exception as exc:
-            _fallback("after-load step", exc)
+            _fallback("choosing VAE / text encoders", exc)
+            swap = None
+        if swap is None:
+            result = original(*args, **kwargs)
+        else:
+            data, user_parameters, planned = swap
+            data.forge_loading_parameters = planned   # what the host prints ("Loading Model:") and loads
+            try:
+                result = original(*args, **kwargs)
+            finally:
+                if data.forge_loading_parameters is planned:
+                    data.forge_loading_parameters = user_parameters
+            # the host cached the load under the planned parameters; the next call compares the user's
+            if data.forge_hash == str(planned):
+                data.forge_hash = str(user_parameters)
+        _after_load(result, swap)
         return result
     return forge_model_reload
+
+
+def _plan_reload() -> tuple[Any, dict[str, Any], dict[str, Any]] | None:
+    """(model_data, the user's loading parameters, the ones to load with) when the modules change; None otherwise
+    (also when the host will return its cached model). Raises the user error when a part is missing."""
+    from modules import sd_models
+    data = sd_models.model_data
+    parameters = getattr(data, "forge_loading_parameters", None)
+    if not isinstance(parameters, dict) or getattr(data, "forge_hash", None) == str(parameters):
+        return None
+    checkpoint = getattr(parameters.get("checkpoint_info"), "filename", None)
+    if not isinstance(checkpoint, str):
+        return None      # the host raises its own "no model" error
+    selected = parameters.get("additional_modules")
+    modules = plan_modules(checkpoint, selected)
+    if modules is selected:
+        return None
+    return data, parameters, dict(parameters, additional_modules=modules)
+
+
+def _after_load(result: Any, swap: Any) -> None:
+    try:
+        sd_model, just_reloaded = result
+    except (TypeError, ValueError):
+        return
+    if not just_reloaded:
+        return
+    _loaded.clear()
+    if swap is not None:
+        _, user_parameters, planned = swap
+        _loaded.append(_LoadedWith(weakref.ref(sd_model), list(user_parameters.get("additional_modules") or []),
+                                   list(planned["additional_modules"])))
+    try:
+        if "gpu_weights" in _state.active and setting("fluxq_apply_gpu_weights") and is_flux_model(sd_model):
+            apply_advised_gpu_weights(sd_model)
+    except Exception as exc:
+        _fallback("after-load step", exc)
 
 
 def is_flux_model(sd_model: Any) -> bool:
@@ -200,70 +277,31 @@ def is_flux_model(sd_model: Any) -> bool:
 
 
 def apply_advised_gpu_weights(sd_model: Any) -> None:
-    """Set Forge's GPU Weights to the advisor's value (only when lib_fluxq.advisor provides one)."""
-    try:
-        advisor = importlib.import_module("lib_fluxq.advisor")
-    except ImportError:
-        log("GPU Weights setting is on, but this fluxq has no advisor yet; left unchanged")
-        return
+    """Set the host's GPU Weights to the advisor's value (only when lib_fluxq.advisor provides one)."""
+    advisor = importlib.import_module("lib_fluxq.advisor")
     advise = getattr(advisor, "gpu_weights_mb_for_loaded_model", None)
-    if advise is None:
-        log("GPU Weights setting is on, but the advisor offers no GPU Weights value; left unchanged")
-        return
-    megabytes = advise(sd_model)
+    megabytes = advise(sd_model) if advise is not None else None
     if megabytes is None:
         log("GPU Weights setting is on, but the advisor has no value for this model or device; left unchanged")
         return
-    megabytes = int(megabytes)
-    from modules import shared
-    from modules_forge import main_entry
-    shared.opts.set("forge_inference_memory", int(main_entry.total_vram) - megabytes)
-    main_entry.refresh_memory_management_settings(model_memory=megabytes)
-    log(f"GPU Weights set to {megabytes} MB (advisor)")
+    log(f"GPU Weights set to {webui.set_gpu_weights(int(megabytes))} MB (advisor)")
+
+
+def _check_gpu_weights(caps: Capabilities) -> str | None:
+    return None if caps.gpu_weights else SKIP_REASONS["gpu_weights"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# forge_loader: pick / drop additional modules by content before Forge reads anything.
-
-
-def _wrap_forge_loader(original: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(original)
-    def forge_loader(sd: Any, additional_state_dicts: Any = None) -> Any:
-        try:
-            modules = plan_modules(sd, additional_state_dicts)
-        except MissingComponentsError:
-            raise
-        except Exception as exc:
-            _fallback("choosing VAE / text encoders", exc)
-            return original(sd, additional_state_dicts=additional_state_dicts)
-        return original(sd, additional_state_dicts=modules)
-    return forge_loader
+# Choosing the modules: pick / drop by content before the host reads anything.
 
 
 def module_folders() -> dict[str, str]:
     """The real 'VAE' and 'text_encoder' folders of this install (for the missing-files message)."""
-    from modules import paths, shared
-    folders = {"VAE": os.path.join(paths.models_path, "VAE"),
-               "text_encoder": os.path.join(paths.models_path, "text_encoder")}
-    for kind, option in (("VAE", "vae_dir"), ("text_encoder", "text_encoder_dir")):
-        value = getattr(shared.cmd_opts, option, None)
-        if isinstance(value, str):
-            folders[kind] = value
-    return folders
-
-
-MODULE_EXTENSIONS = (".safetensors", ".gguf")   # the ones whose headers can be read cheaply
+    return webui.folders(("VAE", "text_encoder"))
 
 
 def available_modules() -> list[str]:
-    """Files Forge lists under 'VAE / Text Encoder' (main_entry.module_list), plus files put into those folders
-    since Forge last refreshed the list (so "download, then Generate again" works without a restart)."""
-    from modules_forge import main_entry
-    found = set(main_entry.module_list.values())
-    for folder in module_folders().values():
-        for root, _, names in os.walk(folder):
-            found.update(os.path.join(root, n) for n in names if n.lower().endswith(MODULE_EXTENSIONS))
-    return sorted(found)
+    return webui.available_modules()
 
 
 def free_ram_bytes() -> int:
@@ -272,12 +310,13 @@ def free_ram_bytes() -> int:
 
 
 def plan_modules(checkpoint: Any, selected: Any) -> Any:
-    """The additional module list to hand Forge for ``checkpoint`` (a path); ``selected`` unchanged when nothing
-    needs doing. Raises MissingComponentsError when a Flux part is missing and the check is on."""
+    """The additional module list to hand the loader for ``checkpoint`` (a path); ``selected`` itself when nothing
+    needs doing. Raises the user error (a MissingComponentsError) when a Flux part is missing, pairing is on, no
+    file provides it and the check is on. With pairing off, a missing part is left to the host's own error."""
     last_plan.clear()
     pair, drop, check = (setting("fluxq_pair_components"), setting("fluxq_drop_mismatched"),
                          setting("fluxq_missing_check"))
-    if not isinstance(checkpoint, str) or not (pair or drop or check):
+    if not isinstance(checkpoint, str) or not (pair or drop):
         return selected
     selected_paths = list(selected) if isinstance(selected, (list, tuple)) else []
     contents = describe_file(checkpoint)
@@ -285,66 +324,89 @@ def plan_modules(checkpoint: Any, selected: Any) -> Any:
         return selected
     chosen = describe_files(selected_paths)
     unreadable = [p for p in selected_paths if p not in {c.path for c in chosen}]
-    available = describe_files(available_modules()) if (pair or check) and contents.family in ("flux", "chroma") \
-        else []
+    available = describe_files(available_modules()) if pair and contents.needs else []
     plan = choose_pairing(contents, chosen, available, free_ram_bytes(), pair=pair, drop=drop)
-    plan.modules.extend(unreadable)  # .ckpt/.pt modules we cannot read cheaply: Forge decides, as before
+    plan.modules.extend(unreadable)  # .ckpt/.pt modules we cannot read cheaply: the host decides, as before
     last_plan.update(checkpoint=checkpoint, family=contents.family, added=dict(plan.added),
                      dropped=list(plan.dropped), missing=list(plan.missing), modules=list(plan.modules))
+    if plan.missing and pair and check:
+        error = user_errors.user_error_class()(checkpoint, plan.missing, module_folders(), family=contents.family)
+        if not user_errors.ui_task_running():   # the UI path prints it once itself (user_errors)
+            log(str(error))
+        raise error
+    name = os.path.basename(checkpoint)
     for part, path in plan.added.items():
-        log(f"{os.path.basename(checkpoint)}: adding {part} from {os.path.basename(path)}")
+        log(f"{name}: adding {part} from {os.path.basename(path)}")
     for path in plan.dropped:
-        log(f"{os.path.basename(checkpoint)} is {contents.family}: leaving out {os.path.basename(path)} "
-            f"(does not fit this model)")
-    if plan.missing and check:
-        raise MissingComponentsError(checkpoint, plan.missing, module_folders())
+        log(f"{name} is {contents.family}: leaving out {os.path.basename(path)} (does not fit this model)")
     if not plan.added and not plan.dropped:
         return selected
     return plan.modules
 
 
+def loaded_modules_now() -> list[str] | None:
+    """The modules the current model was really loaded with, when fluxq changed them and the user's selection is
+    still the one it was loaded for; None otherwise."""
+    if not _loaded:
+        return None
+    from modules import shared
+    record = _loaded[0]
+    current = getattr(shared, "sd_model", None)
+    if current is None or record.model() is not current:
+        return None
+    if list(webui.option("forge_additional_modules", []) or []) != record.selected:
+        return None
+    return list(record.modules)
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# load_torch_file / GGUF: memory-mapped tensors, IQ4 types, LoRA re-quantization.
+# Infotext: the image's parameters name the modules really loaded (Forge/Neo read the user's selection).
 
 
-def _wrap_load_torch_file(original: Callable[..., Any]) -> Callable[..., Any]:
+def _install_infotext(caps: Capabilities) -> str | None:
+    if not caps.create_infotext:
+        return SKIP_REASONS["infotext"]
+    processing = importlib.import_module("modules.processing")
+    wrap_binding(processing, "create_infotext", _wrap_create_infotext)
+    return None
+
+
+def _wrap_create_infotext(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
-    def load_torch_file(ckpt: Any, safe_load: bool = False, device: Any = None) -> Any:
-        on_cpu = device is None or getattr(device, "type", str(device)) == "cpu"
-        if isinstance(ckpt, str) and ckpt.lower().endswith(".gguf") and on_cpu and setting("fluxq_gguf_mmap"):
-            try:
-                return load_gguf_mapped(ckpt)
-            except Exception as exc:
-                _fallback(f"memory-mapping {os.path.basename(ckpt)}", exc)
-        return original(ckpt, safe_load=safe_load, device=device)
-    return load_torch_file
+    def create_infotext(*args: Any, **kwargs: Any) -> Any:
+        try:
+            modules = loaded_modules_now()
+        except Exception as exc:
+            _fallback("infotext modules", exc)
+            modules = None
+        if modules is None:
+            return original(*args, **kwargs)
+        from modules import shared
+        data = shared.opts.data
+        users = data.get("forge_additional_modules")
+        data["forge_additional_modules"] = modules   # only while the host writes "Module 1: ..." (no save, no event)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            if data.get("forge_additional_modules") is modules:
+                data["forge_additional_modules"] = users
+    return create_infotext
 
 
-def load_gguf_mapped(path: str) -> dict[str, Any]:
-    """Like Forge's GGUF branch of load_torch_file, but each ParameterGGUF is a view of the file map (no copy).
+# ---------------------------------------------------------------------------------------------------------------
+# GGUF: memory-mapped tensors (hosts that copy), IQ4 types, LoRA re-quantization.
 
-    The map is private copy-on-write: Forge may write into a tensor (it does not today) without touching the file.
-    """
-    import gguf  # Forge's vendored gguf-py inside Forge
-    import numpy as np
+
+def _install_mmap(caps: Capabilities) -> str | None:
+    if caps.gguf_layout is None:
+        return "GGUF memory-mapping (unknown GGUF parameter layout)"
+    if caps.gguf_shares_storage:
+        return SKIP_REASONS["mmap"]
+    if caps.gguf_layout != "reader-tensor" or "load_torch_file" not in caps.bindings:
+        return "GGUF memory-mapping (this WebUI copies GGUF files in a way fluxq does not know)"
     import torch
-    from backend.operations_gguf import ParameterGGUF
-
-    reader = gguf.GGUFReader(path, "c")
-    state_dict = {}
-    for tensor in reader.tensors:
-        data = torch.from_numpy(np.asarray(tensor.data))
-        parameter = torch.nn.Parameter.__new__(ParameterGGUF, data, requires_grad=False)
-        ParameterGGUF.__init__(parameter, tensor)   # Forge's own bookkeeping: gguf_cls, real_shape, baked, dtype
-        state_dict[str(tensor.name)] = parameter
-    return state_dict
-
-
-def _install_gguf_extras() -> None:
-    import torch
-    from backend import operations_gguf
-
-    parameter_cls = operations_gguf.ParameterGGUF
+    operations = importlib.import_module("backend.operations_gguf")
+    parameter_cls = operations.ParameterGGUF
     original_new = parameter_cls.__dict__["__new__"]
     original_new_fn = original_new.__func__ if isinstance(original_new, staticmethod) else original_new
 
@@ -355,29 +417,134 @@ def _install_gguf_extras() -> None:
             return torch.Tensor._make_subclass(cls, tensor.detach(), requires_grad)
         return original_new_fn(cls, tensor, requires_grad=requires_grad, no_init=no_init)
 
-    if not getattr(original_new_fn, MARK, None):
-        sharing_new.__dict__[MARK] = original_new_fn
-        _patch_attr(parameter_cls, "__new__", staticmethod(sharing_new))
+    sharing_new.__dict__[MARK] = original_new_fn
+    patch_attr(parameter_cls, "__new__", staticmethod(sharing_new))
+    for module_name in caps.bindings["load_torch_file"]:
+        wrap_binding(importlib.import_module(module_name), "load_torch_file", _wrap_load_torch_file)
+    return None
 
+
+def _wrap_load_torch_file(original: Callable[..., Any]) -> Callable[..., Any]:
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def load_torch_file(*args: Any, **kwargs: Any) -> Any:
+        mapped = None
+        try:
+            arguments = signature.bind(*args, **kwargs).arguments
+        except TypeError:
+            arguments = {}   # a call the host itself will refuse: its own error, untouched
+        ckpt, device = next(iter(arguments.values()), None), arguments.get("device")
+        on_cpu = device is None or getattr(device, "type", str(device)) == "cpu"
+        if isinstance(ckpt, str) and ckpt.lower().endswith(".gguf") and on_cpu and setting("fluxq_gguf_mmap"):
+            try:
+                mapped = load_gguf_mapped(ckpt)
+            except Exception as exc:
+                _fallback(f"memory-mapping {os.path.basename(ckpt)}", exc)
+        if mapped is None:
+            return original(*args, **kwargs)
+        return (mapped, None) if arguments.get("return_metadata") else mapped   # GGUF has no safetensors metadata
+    return load_torch_file
+
+
+def load_gguf_mapped(path: str) -> dict[str, Any]:
+    """Like Forge's GGUF branch of load_torch_file, but each ParameterGGUF is a view of the file map (no copy).
+
+    The map is private copy-on-write: Forge may write into a tensor (it does not today) without touching the file.
+    """
+    import numpy as np
+    import torch
+    operations = importlib.import_module("backend.operations_gguf")
+    parameter_cls = operations.ParameterGGUF
+    reader = operations.gguf.GGUFReader(path, "c")   # the host's own gguf copy (its enum keys the type table)
+    state_dict = {}
+    for tensor in reader.tensors:
+        data = torch.from_numpy(np.asarray(tensor.data))
+        parameter = torch.nn.Parameter.__new__(parameter_cls, data, requires_grad=False)
+        parameter_cls.__init__(parameter, tensor)   # Forge's own bookkeeping: gguf_cls, real_shape, baked, dtype
+        state_dict[str(tensor.name)] = parameter
+    return state_dict
+
+
+def gguf_mapping() -> dict[Any, Any]:
+    caps = _state.caps or probe()
+    operations = importlib.import_module("backend.operations_gguf")
+    return getattr(operations, caps.gguf_mapping_name or "quants_mapping")
+
+
+def _install_iq4(caps: Capabilities) -> str | None:
+    if caps.gguf_mapping_name is None or caps.gguf_enum is None:
+        return "IQ4 types (no GGUF type table found)"
+    if not setting("fluxq_gguf_iq4"):
+        return "IQ4 types (switched off in Settings -> fluxq)"
     from lib_fluxq.host import forge_gguf
-    if setting("fluxq_gguf_iq4"):
-        for qtype, quant_cls in forge_gguf.extra_quant_classes().items():
-            if qtype not in operations_gguf.quants_mapping:
-                _patch_item(operations_gguf.quants_mapping, qtype, quant_cls)
-    for quant_cls in list(operations_gguf.quants_mapping.values()):
+    mapping = gguf_mapping()
+    added = 0
+    for qtype, quant_cls in forge_gguf.extra_quant_classes(caps.gguf_enum).items():
+        if qtype not in mapping:
+            patch_item(mapping, qtype, quant_cls)
+            added += 1
+    return None if added else "IQ4 types (this WebUI registers them itself)"
+
+
+def _install_gguf_forward(caps: Capabilities) -> str | None:
+    """Every GGUF type through fluxq's dequantizer (lib_fluxq/host/forge_gguf.py); the setting is read per bake."""
+    if caps.gguf_mapping_name is None or caps.gguf_enum is None:
+        return "fluxq's GGUF forward path (no GGUF type table found)"
+    from lib_fluxq.host import forge_gguf
+    operations = importlib.import_module("backend.operations_gguf")
+    forge_gguf.install_forward_path(operations, gguf_mapping(), caps.gguf_enum, patch_attr, patch_item,
+                                    add_missing=False)
+    return None
+
+
+def _install_lora_requant(caps: Capabilities) -> str | None:
+    if caps.lora_on_gguf != "merge":
+        return SKIP_REASONS["lora_requant"]
+    from lib_fluxq.host import forge_gguf
+    for quant_cls in forge_gguf.host_classes(gguf_mapping()):   # the host's classes, also behind ours
         replacement = forge_gguf.requantizing_method(quant_cls)
         if replacement is not None:
-            _patch_attr(quant_cls, "quantize_pytorch", replacement)
+            patch_attr(quant_cls, "quantize_pytorch", replacement)
+    forge_gguf.install_lora_report(importlib.import_module("backend.operations_gguf"), patch_attr)
+    return None
+
+
+def _install_lora_merge(caps: Capabilities) -> str | None:
+    if caps.lora_on_gguf != "online":
+        return SKIP_REASONS["lora_merge"]
+    return "merge-once LoRA (not available yet on this WebUI)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One-line user errors (lib_fluxq.host.user_errors)
+
+
+def _install_quiet_errors(caps: Capabilities) -> str | None:
+    if caps.error_style is None:
+        return SKIP_REASONS["quiet_errors"]
+    main_thread = importlib.import_module("modules_forge.main_thread")
+    patch_attr(main_thread.Task, "work", user_errors.wrap_task_work(main_thread.Task.work))
+    # Forge prints the message itself right after the traceback (print(e)); Neo prints only the traceback.
+    proxy = user_errors.quiet_traceback_module(host_prints_message=caps.error_style == "exception", log=log)
+    patch_attr(main_thread, "traceback", proxy)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Callbacks (registered by scripts/fluxq_hooks.py)
 
 
+def visible_settings() -> tuple[Setting, ...]:
+    """The settings whose behaviour is active on this host."""
+    return tuple(s for s in SETTINGS if s.patch in _state.active or (s.patch == "iq4" and "iq4" in _state.skipped
+                                                                       and "switched off" in _state.skipped["iq4"]))
+
+
 def add_settings() -> None:
     """on_ui_settings: one checkbox per behaviour in Settings -> fluxq."""
     from modules import shared
-    for item in SETTINGS:
+    for item in visible_settings():
         shared.opts.add_option(item.key, shared.OptionInfo(item.default, item.label, section=SECTION))
 
 
@@ -390,17 +557,18 @@ def on_model_loaded(sd_model: Any) -> None:
 
 
 def register_callbacks() -> bool:
-    """Install the wrapper and the callbacks. Returns False on A1111 (nothing registered there)."""
+    """Install the hook and its callbacks. False on a WebUI without Forge's loader (one console line says so)."""
     if not install():
         return False
-    if _callbacks_registered:
-        return True   # a second import of the script (Forge reloads scripts) registers nothing twice
-    _callbacks_registered.append(True)
+    if _state.callbacks:
+        return True   # a second import of the script (the WebUI reloads scripts) registers nothing twice
+    _state.callbacks = True
     from modules import script_callbacks
     script_callbacks.on_ui_settings(add_settings, name="fluxq settings")
     script_callbacks.on_model_loaded(on_model_loaded, name="fluxq model loaded")
     return True
 
 
-__all__ = ["BINDINGS", "SETTINGS", "add_settings", "install", "is_forge", "load_gguf_mapped", "on_model_loaded",
-           "plan_modules", "register_callbacks", "setting", "uninstall"]
+__all__ = ["MARK", "SETTINGS", "active_patches", "add_settings", "capabilities", "install", "is_forge",
+           "load_gguf_mapped", "loaded_modules_now", "on_model_loaded", "plan_modules", "register_callbacks",
+           "setting", "uninstall"]

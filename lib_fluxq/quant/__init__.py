@@ -20,8 +20,9 @@ def dequantize(packed: torch.Tensor, qtype: QType, shape: Sequence[int],
     """Packed GGML bytes -> a ``shape`` tensor of ``dtype`` on ``packed``'s device.
 
     ``shape`` is the logical torch shape (rows contiguous, i.e. GGML's ``ne`` reversed). Computation is in float32,
-    bit-identical to ggml's ``to_float``; other dtypes are that result cast. ``out`` (contiguous, ``shape``-sized,
-    of ``dtype``) is filled and returned when given, which saves the allocation on repeated calls.
+    bit-identical to ggml's ``to_float``; float16 / bfloat16 results are that float32 result rounded once, written
+    directly (no full-size float32 temporary). ``out`` (contiguous, ``shape``-sized, of ``dtype``) is filled and
+    returned when given, which saves the allocation on repeated calls (see ``lib_fluxq.ops`` for a shared one).
     """
     fmt = get_format(qtype)
     shape = tuple(int(s) for s in shape)
@@ -35,6 +36,8 @@ def dequantize(packed: torch.Tensor, qtype: QType, shape: Sequence[int],
                          f"of {packed.dtype}")
     if out is not None and (out.dtype != dtype or out.numel() != n_elements or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {dtype} tensor of {n_elements} elements")
+    if dtype not in _OUTPUT_DTYPES:
+        raise ValueError(f"dequantize: dtype must be one of {', '.join(str(d) for d in _OUTPUT_DTYPES)}, got {dtype}")
     blocks = packed.reshape(-1, fmt.type_size)
     if not blocks.is_contiguous():
         blocks = blocks.contiguous()
@@ -42,20 +45,17 @@ def dequantize(packed: torch.Tensor, qtype: QType, shape: Sequence[int],
     target = result.view(-1, fmt.block_size)
     step = _chunk_blocks(fmt, blocks)
     for start in range(0, blocks.shape[0], step):
-        chunk_blocks, chunk_out = blocks[start:start + step], target[start:start + step]
-        if dtype == torch.float32:
-            fmt.dequantize_blocks(chunk_blocks, chunk_out)
-        else:
-            values = torch.empty(chunk_out.shape, dtype=torch.float32, device=packed.device)
-            fmt.dequantize_blocks(chunk_blocks, values)
-            chunk_out.copy_(values)
+        fmt.dequantize_blocks(blocks[start:start + step], target[start:start + step])
     return result.view(shape)
 
 
-# On CPU, kernels run in chunks of about a million elements: their several byte/float temporaries then stay small
-# and cache-resident instead of being multi-MB allocations that the C allocator maps and page-faults on every call
-# (measured here: Q4_0 6.9 -> 2.9 ms per 4 M elements, single thread). GPUs take the whole tensor in one go.
-_CPU_CHUNK_ELEMENTS = 1 << 20
+_OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# On CPU, kernels run in chunks of a quarter million elements: their byte and float temporaries (per-thread scratch
+# reused by every chunk and call) then stay cache-sized instead of being multi-MB allocations that the C allocator
+# maps and page-faults on every call, and the per-op overhead (~1-3 us) stays small against each chunk's work.
+# GPUs take the whole tensor in one go.
+_CPU_CHUNK_ELEMENTS = 1 << 18
 
 
 def _chunk_blocks(fmt: QuantFormat, blocks: torch.Tensor) -> int:

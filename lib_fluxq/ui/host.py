@@ -1,13 +1,12 @@
-"""Where the tab runs: the standalone app, Forge, or A1111 — folders to scan and write, and "Use this".
+"""Where the tab runs: the standalone app or a WebUI — folders to scan and write, and "Use this".
 
-Only this module (besides lib_fluxq/host/) touches the WebUI's ``modules`` / ``modules_forge`` packages, lazily.
-Forge functions used (FORGE_NOTES §3, §5): ``main_entry.refresh_models``, ``checkpoint_change``, ``modules_change``,
-``refresh_model_loading_parameters``, ``refresh_memory_management_settings``.
+One WebUI class for Forge, Forge Neo, reForge and A1111: what it can do comes from lib_fluxq.host (probe / webui),
+which looks at the running host (``--vae-dir`` or ``--vae-dirs``; ``checkpoint_change`` with or without a UI
+preset; GPU Weights in MB or as Neo's 0..1 fraction). Without Forge's model loader "Use this" only says so.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 
 from lib_fluxq.catalog import FOLDERS
@@ -31,18 +30,20 @@ class StandaloneHost:
     def scan_paths(self) -> list[str]:
         return [self.models_dir]
 
+    def _module_folders(self) -> list[str]:
+        return [self.folders()[kind] for kind in ("text_encoder", "VAE") if kind in self.folders()]
+
     def module_files(self) -> list[str]:
         """Text encoder / VAE files a checkpoint can be paired with."""
-        found = []
-        for kind in ("text_encoder", "VAE"):
-            folder = self.folders().get(kind)
-            if folder and os.path.isdir(folder):
+        found: set[str] = set()
+        for folder in self._module_folders():
+            if os.path.isdir(folder):
                 for root, _, names in os.walk(folder):
-                    found += [os.path.join(root, n) for n in names if n.lower().endswith(MODULE_EXTENSIONS)]
+                    found.update(os.path.join(root, n) for n in names if n.lower().endswith(MODULE_EXTENSIONS))
         return sorted(found)
 
     def applied_gpu_weights_mb(self, gpu_weights_mb: int | None) -> int | None:
-        """The GPU Weights (MB) ``apply`` sets in the host's own slider; None where there is none."""
+        """The GPU Weights (MB) ``apply`` sets in the host's own setting; None where there is none."""
         return None
 
     def apply(self, checkpoint: str, modules: list[str], gpu_weights_mb: int | None) -> str:
@@ -50,78 +51,82 @@ class StandaloneHost:
                 "the text encoders / VAE and GPU Weights for you, and sets the txt2img size.")
 
 
-class ForgeHost(StandaloneHost):
-    name = "forge"
-    can_apply = True
+class WebUIHost(StandaloneHost):
+    """The WebUI this process runs in. ``can_apply``: it has Forge's model loader and its model selection."""
 
     def __init__(self) -> None:
-        from modules import paths
-        super().__init__(paths.models_path)
+        from lib_fluxq.host import probe, webui
+        self._webui = webui
+        caps = probe.probe()
+        self.can_apply = caps.forge_loader and webui.has_module("modules_forge.main_entry")
+        self.name = "forge" if caps.forge_loader else "a1111"
+        super().__init__(webui.models_path())
 
     def folders(self) -> dict[str, str]:
-        from modules import shared
         folders = super().folders()
-        for kind, option in (("Stable-diffusion", "ckpt_dir"), ("VAE", "vae_dir"),
-                             ("text_encoder", "text_encoder_dir"), ("Lora", "lora_dir")):
-            value = getattr(shared.cmd_opts, option, None)
-            if isinstance(value, str) and value:
-                folders[kind] = value
+        for kind in self._webui.FOLDER_OPTIONS:
+            extra = self._webui.extra_folders(kind)
+            if extra:
+                folders[kind] = extra[0]   # where a download of this kind goes (the first folder the user gave)
         return folders
 
+    def _all_folders(self) -> dict[str, list[str]]:
+        kinds = dict.fromkeys(MODEL_SUBFOLDERS)
+        return {kind: self._webui.all_folders(kind) if kind in self._webui.FOLDER_OPTIONS
+                else [os.path.join(self.models_dir, kind)] for kind in kinds}
+
+    def _module_folders(self) -> list[str]:
+        every = self._all_folders()
+        return every["text_encoder"] + every["VAE"]
+
     def scan_paths(self) -> list[str]:
-        # the model folders themselves (some may live outside models/ through --ckpt-dir, --vae-dir, ...)
-        return sorted(set(self.folders().values()))
+        # the model folders themselves (some may live outside models/ through --ckpt-dir(s), --vae-dir(s), ...)
+        return sorted({f for folders in self._all_folders().values() for f in folders})
 
     def applied_gpu_weights_mb(self, gpu_weights_mb: int | None) -> int | None:
-        if gpu_weights_mb is None:
+        if gpu_weights_mb is None or not self.can_apply or self._webui.gpu_weights_style() is None:
             return None
-        from modules_forge import main_entry
-        return max(0, min(int(gpu_weights_mb), int(main_entry.total_vram)))
+        return self._webui.gpu_weights_for(gpu_weights_mb)[0]
 
     def apply(self, checkpoint: str, modules: list[str], gpu_weights_mb: int | None) -> str:
+        if not self.can_apply:
+            return ("This WebUI has no Forge model loader, so it cannot run Flux: use Forge or Forge Neo for Flux "
+                    "(the advisor, inspector, converter and comparison work here).")
         from modules import sd_models, shared
-        from modules_forge import main_entry
-        main_entry.refresh_models()   # files downloaded since start become selectable
+        webui = self._webui
+        webui.refresh_lists()   # files downloaded since start become selectable
         info = sd_models.get_closet_checkpoint_match(os.path.basename(checkpoint))
         if info is None:
             return f"Forge does not list {os.path.basename(checkpoint)} as a checkpoint; press the refresh button " \
                    f"next to Checkpoint, or move the file into {self.folders()['Stable-diffusion']}"
-        # the value Forge's own Checkpoint dropdown holds (sd_models.checkpoint_tiles): a title with " [hash]" is
+        # the value the host's own Checkpoint dropdown holds (sd_models.checkpoint_tiles): a title with " [hash]" is
         # not among its choices, and after a reload the dropdown would show nothing
-        value = info.short_title if shared.opts.sd_checkpoint_dropdown_use_short else info.name
-        main_entry.checkpoint_change(value, save=True, refresh=False)
-        main_entry.modules_change([os.path.basename(m) for m in modules], save=True, refresh=False)
-        main_entry.refresh_model_loading_parameters()
-        done = [f"checkpoint {value}", f"modules {', '.join(os.path.basename(m) for m in modules) or 'none'}"]
-        megabytes = self.applied_gpu_weights_mb(gpu_weights_mb)
-        if megabytes is not None:
-            main_entry.refresh_memory_management_settings(model_memory=megabytes)
-            done.append(f"GPU Weights {megabytes} MB")
-        return ("Selected in Forge: " + "; ".join(done) + ". The model loads at the next Generate. Checkpoint and "
-                "VAE / Text Encoder at the top show it after a page reload; GPU Weights is set in its slider now, "
-                "but a page reload can put Forge's slider back to the value the page was built with (check it, or "
-                "press Use this again).")
-
-
-class A1111Host(ForgeHost):
-    name = "a1111"
-    can_apply = False
-
-    def applied_gpu_weights_mb(self, gpu_weights_mb: int | None) -> int | None:
-        return None
-
-    def apply(self, checkpoint: str, modules: list[str], gpu_weights_mb: int | None) -> str:
-        return "AUTOMATIC1111 cannot run Flux; use Forge for Flux (the advisor, inspector and converter work here)."
+        value = info.short_title if getattr(shared.opts, "sd_checkpoint_dropdown_use_short", False) else info.name
+        names = [os.path.basename(m) for m in modules]
+        webui.select(value, names)
+        done = [f"checkpoint {value}", f"modules {', '.join(names) or 'none'}"]
+        preset = webui.current_preset()
+        if preset is not None and webui.select_takes_preset():
+            done.append(f"remembered for the UI preset '{preset}'")
+        reload_note = ("Checkpoint and VAE / Text Encoder at the top show it after a page reload")
+        if gpu_weights_mb is not None and webui.gpu_weights_style() is not None:
+            applied, fraction = webui.gpu_weights_for(gpu_weights_mb)
+            webui.set_gpu_weights(gpu_weights_mb)
+            if fraction is None:
+                done.append(f"GPU Weights {applied} MB")
+                reload_note += ("; GPU Weights is set in its slider now, but a page reload can put Forge's slider back "
+                                "to the value the page was built with (check it, or press Use this again)")
+            else:
+                done.append(f"GPU Weights {fraction:.2f} ({applied} MB of {webui.total_vram_mb()} MB)")
+                reload_note += "; GPU Weights (Settings) shows the new fraction after a page reload"
+        return "Selected in Forge: " + "; ".join(done) + ". The model loads at the next Generate. " + reload_note + "."
 
 
 def current_host(models_dir: str | None = None) -> StandaloneHost:
-    """The host this process runs in: Forge, A1111, or standalone (with ``models_dir``)."""
+    """The host this process runs in: a WebUI (Forge, Neo, reForge, A1111) or standalone (with ``models_dir``)."""
     if models_dir is not None:
         return StandaloneHost(models_dir)
-    for module, host in (("modules_forge", ForgeHost), ("modules.paths", A1111Host)):
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            continue
-        return host()
+    from lib_fluxq.host import webui
+    if webui.has_module("modules.paths"):
+        return WebUIHost()
     return StandaloneHost(os.path.join(os.getcwd(), "models"))

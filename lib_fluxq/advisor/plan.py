@@ -1,351 +1,66 @@
-"""``python -m lib_fluxq advise``: from this machine's VRAM and RAM to a quant level, a resolution, Forge's
-"GPU Weights (MB)" value and a text-encoder plan — with the reason and the numbers behind every choice.
-
-The answer comes from two small models, both documented here and in README.md:
-
-Memory model (bytes, per generation at height H x width W, batch B)
-  * weights(level)  = sum over the Flux transformer's tensors (lib_fluxq.flux shapes) of elements x bits / 8, where
-    the quantized tensors follow the published city96 recipe (2-D block weights at the level's bits per weight, from
-    lib_fluxq.quant.FORMATS; other 2-D weights F16; 1-D F32). NF4 (bitsandbytes, every Linear weight): 4 bits + one
-    fp32 absmax per 64 weights = 4.5 bits. FP8: 8 bits for every 2-D weight. BF16/FP16: 16 bits.
-  * activations     = Forge's own estimate 1.28 x 2B x (H/8) x (W/8) x 2 bytes x 16384 (about 1.28 GiB at 1024^2),
-    or the physical working set of one block — tokens x 96 KiB with tokens = H/16 x W/16 + 512 text tokens — if
-    larger (only for tiny images).
-  * dequant scratch = the largest quantized layer (single_blocks.*.linear1, 21504 x 3072) materialised in the compute
-    dtype at once (0.12 GiB in bf16).
-  * CUDA context    = 0.375 GiB (context, cuBLAS workspace, allocator slack).
-  * need(level)     = weights + activations + scratch + context. A level is *resident* when need <= budget, where
-    budget = total VRAM x (1 - 15%) - memory other programs hold beyond a 0.5 GiB desktop allowance. The 15% headroom
-    (desktop, browser, a LoRA, allocator fragmentation) is the one calibrated constant: it is what makes the
-    community table (24 GB -> Q8_0, 16 GB -> Q6_K, 12 GB -> Q5_1 using ~10 GB) come out; tests check it.
-  * VAE decode      = 2 KiB per output pixel un-tiled (the decoder's full-resolution stages hold ~4 maps of 256
-    channels in bf16), or that of one 512^2 tile when tiled; VAE weights 0.16 GiB.
-  * text encoders   = T5-XXL encoder (4.76 B parameters: fp16 9.5 GB, fp8 4.9 GB, GGUF levels at their bits) and
-    CLIP-L 0.25 GB, in VRAM only when they fit beside the resident transformer, else in RAM.
-  * Forge's "GPU Weights (MB)" = total - reserve: Forge keeps ``reserve`` free for computation. When free VRAM -
-    weights - reserve < 0 it offloads: resident share = max((free - reserve) / 1.3, free - reserve - 1.25 GiB) and the
-    rest of the (still quantized) weights cross PCIe every step (FORGE_NOTES section 5).
-  * RAM: steady = offloaded weights + text encoders + VAE + 3 GiB (OS + WebUI); loading a checkpoint in Forge peaks at
-    2.63 x the file size (measured, FORGE_NOTES section 10).
-
-Speed model (seconds per sampling step)
-  * compute  = FLOPs of one Flux step / (card's dense fp16/bf16 tensor TFLOP/s with fp32 accumulation x 0.6).
-    FLOPs = 2 x tokens x (per-token matmul parameters) + 4 x tokens^2 x 3072 x 57 blocks (attention).
-  * dequant  = quantized parameters x bytes of GPU memory traffic per weight to turn it into a matmul operand
-    (torch GGUF dequant: ~23 B for Q8_0, ~30 for legacy 4/5-bit, ~40 for K-quants; NF4's fused bnb kernel ~3;
-    FP8 upcast ~3; BF16 0) / the card's memory bandwidth.
-  * offload  = non-resident bytes / PCIe (pinned "Shared" memory at 80% of the link, pageable "CPU" at 50%); "Async"
-    overlaps it with compute. Offloaded FP8 is upcast by the CPU before the copy (torch converts on the source
-    device) at ~1 GB/s and crosses PCIe as fp16 — the reason FP8 is so slow on small cards.
-  * a cold first image adds reading the files from disk at 0.5 GB/s (SATA SSD).
-
-All constants below are named; every figure shown is computed from them, never looked up.
-"""
+"""The plan: one machine x one model -> a level, a size, GPU Weights, swap and text-encoder settings, each with its
+reason and numbers (``Planner.advise``), and verdicts on the user's own files (``Planner.rank_files``)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from gguf import GGMLQuantizationType
-
+from lib_fluxq.advisor.calibration import (
+    BAKED_GGUF_TYPES,
+    CLIP_L_BYTES,
+    CONTEXT_BYTES,
+    CPU_FP8_CAST_GBPS,
+    CPU_GFLOPS_PER_CORE,
+    DESKTOP_ALLOWANCE,
+    DESKTOP_BYTES,
+    DISK_GBPS,
+    FORGE_SWAP_FACTOR,
+    FORGE_SWAP_MARGIN,
+    GB,
+    HEADROOM,
+    HOSTS,
+    MATMUL_EFFICIENCY,
+    MAX_OFFLOAD_SHARE,
+    MIB,
+    PAGEABLE_PCIE_EFFICIENCY,
+    PINNED_PCIE_EFFICIENCY,
+    RAM_BASE_BYTES,
+    RAM_COMFORT,
+    RAM_PEAKS,
+    RESOLUTION_PRESETS,
+    SAFETENSORS_RAM_PEAK,
+    SLOW_STEP_SECONDS,
+    SMALL_CARD_BYTES,
+    TEXT_TOKENS,
+    VAE_DECODE_FLOPS_PER_PIXEL,
+    VAE_WEIGHT_BYTES,
+    RamPeak,
+)
+from lib_fluxq.advisor.gpus import _PROFILES_BY_NAME, find_gpu_profile, profile_for_vram
+from lib_fluxq.advisor.model import (
+    LEVELS,
+    T5_OPTIONS,
+    WeightLevel,
+    activation_bytes,
+    flux_step_flops,
+    image_tokens,
+    largest_layer_elements,
+    planned_families,
+    quantized_parameters,
+    resolve_family,
+    resolve_level,
+    text_encoder_bytes,
+    transformer_bytes,
+    vae_decode_bytes,
+)
 from lib_fluxq.errors import FluxqError
-from lib_fluxq.flux import FLUX_DEV, FLUX_SCHNELL, FluxConfig, flux_param_shapes, is_quantized_by_recipe
-from lib_fluxq.hardware import GIB, Hardware, detect, with_overrides
-from lib_fluxq.quant.table import FORMATS
-
-MIB = 1024 ** 2
-GB = 1e9
-T = GGMLQuantizationType
-
-# ---------------------------------------------------------------------------------------------------- constants
-HEADROOM = 0.15                    # share of VRAM kept free beyond the modelled peak (calibrated, see module doc)
-CONTEXT_BYTES = int(0.375 * GIB)   # CUDA context + cuBLAS workspace + allocator slack
-DESKTOP_BYTES = int(0.3 * GIB)     # what a display/desktop typically holds on a consumer card (0 on datacenter cards)
-DESKTOP_ALLOWANCE = int(0.5 * GIB)  # memory other programs may hold before it is subtracted from the budget
-TEXT_TOKENS = 512                  # T5 sequence length Flux uses (dev; schnell uses 256 but Forge pads to 512)
-ACT_BYTES_PER_TOKEN = 2 * (21504 + 15360 + 4 * 3072)  # bf16 live tensors of one single block per token (~96 KiB)
-FORGE_ACTIVATION_FACTOR = 1.28     # backend Flux memory estimate: 1.28 x 2B x H/8 x W/8 x dtype x 16384
-VAE_DECODE_BYTES_PER_PIXEL = 2048  # un-tiled decode peak per output pixel (bf16)
-VAE_TILE_PIXELS = 512 * 512
-VAE_WEIGHT_BYTES = int(0.16 * GIB)
-VAE_DECODE_FLOPS_PER_PIXEL = 4.8e6
-CLIP_L_BYTES = int(0.25 * GB)
-RAM_BASE_BYTES = 3 * GIB           # OS + Python + WebUI
-RAM_COMFORT = 0.85                 # share of RAM a plan may use in steady state
-FORGE_LOAD_PEAK_FACTOR = 2.63      # peak RSS while Forge loads a GGUF / file size (measured, FORGE_NOTES section 10)
-FORGE_SWAP_FACTOR = 1.3            # compute_model_gpu_memory_when_using_cpu_swap
-FORGE_SWAP_MARGIN = 1.25 * GIB
-MAX_OFFLOAD_SHARE = 0.5            # beyond this share streamed per step, a level is "too slow to recommend"
-MATMUL_EFFICIENCY = 0.6            # achieved share of peak tensor throughput on Flux-sized GEMMs
-PINNED_PCIE_EFFICIENCY = 0.8
-PAGEABLE_PCIE_EFFICIENCY = 0.5
-CPU_FP8_CAST_GBPS = 1.0            # fp8 -> fp16 on the CPU; measured 0.29 GB/s on a shared 2-core box, ~1 on 6-8 cores
-CPU_GFLOPS_PER_CORE = 50.0         # sustained fp32 GEMM per core (AVX2 FMA at ~3 GHz, half of peak)
-DISK_GBPS = 0.5                    # SATA SSD sequential read
-SLOW_STEP_SECONDS = 15.0           # above this at the target size, suggest a small render + refine
-SMALL_CARD_BYTES = int(7.5 * GIB)  # below this, plan small renders + refine (the 6 GB advice)
-NF4_BLOCKSIZE = 64                 # bitsandbytes blocksize used by the Flux NF4 checkpoints (v2: fp32 absmax)
-NF4_ABSMAX_BITS = 32
-PCIE_GBPS_PER_LANE = {3: 0.985, 4: 1.969, 5: 3.938}
-
-RESOLUTION_PRESETS: list[tuple[int, int]] = [
-    (1024, 1024), (896, 1152), (832, 1216), (768, 1344), (768, 1024), (768, 768), (512, 768), (512, 512)]
-
-
-# ------------------------------------------------------------------------------------------------- weight levels
-@dataclass(frozen=True)
-class WeightLevel:
-    """One way to store the Flux transformer's weights. ``name`` is what users call the file."""
-
-    name: str
-    kind: str                         # "gguf" | "bnb" | "float"
-    qtype: GGMLQuantizationType | None
-    bits: float                       # bits per quantized weight, scales included
-    fidelity_bits: float              # effective precision used to rank fidelity (== bits except FP8)
-    dequant_bytes: float              # GPU memory traffic per weight per step to make it a matmul operand
-    scope: str                        # "recipe" (city96: 2-D block weights) | "linear" (every 2-D weight) | "all"
-    lora_patch: bool                  # Forge's default LoRA mode can re-quantize it (FORGE_NOTES section 6)
-    stock_forge: bool                 # stock Forge can load it
-    tie_order: int                    # at equal fidelity: prefer lower (LoRA-patchable, cheaper dequant)
-    candidate: bool = True            # offered as a recommendation (published files exist)
-
-
-def _gguf_bits(qtype: GGMLQuantizationType) -> float:
-    return FORMATS[qtype].bits_per_weight
-
-
-NF4_BITS = 4 + NF4_ABSMAX_BITS / NF4_BLOCKSIZE  # 4.5
-
-# Dequant traffic per weight (bytes): torch GGUF dequant runs several unfused element-wise passes in fp32 before
-# the cast; K-quants add the sub-block scale unpacking. Order-of-magnitude constants, see module doc.
-_DQ_Q8, _DQ_LEGACY, _DQ_K, _DQ_IQ, _DQ_NF4, _DQ_FP8 = 23.0, 30.0, 40.0, 35.0, 3.0, 3.0
-
-LEVELS: dict[str, WeightLevel] = {lv.name: lv for lv in [
-    WeightLevel("BF16", "float", T.BF16, 16, 16, 0, "all", True, True, 0),
-    WeightLevel("FP16", "float", T.F16, 16, 16, 0, "all", True, True, 1, candidate=False),
-    WeightLevel("F32", "float", T.F32, 32, 32, 0, "all", True, True, 2, candidate=False),
-    WeightLevel("Q8_0", "gguf", T.Q8_0, _gguf_bits(T.Q8_0), _gguf_bits(T.Q8_0), _DQ_Q8, "recipe", True, True, 0),
-    WeightLevel("Q6_K", "gguf", T.Q6_K, _gguf_bits(T.Q6_K), _gguf_bits(T.Q6_K), _DQ_K, "recipe", False, True, 2),
-    # FP8 e4m3fn: 3 mantissa bits and no per-block scale: on Gaussian weights its error sits between Q5 and Q6.
-    WeightLevel("FP8", "float", None, 8, 6.0, _DQ_FP8, "linear", False, True, 3),
-    WeightLevel("Q5_1", "gguf", T.Q5_1, _gguf_bits(T.Q5_1), _gguf_bits(T.Q5_1), _DQ_LEGACY, "recipe", False, True, 1),
-    WeightLevel("Q5_K_S", "gguf", T.Q5_K, _gguf_bits(T.Q5_K), _gguf_bits(T.Q5_K), _DQ_K, "recipe", False, True, 2),
-    WeightLevel("Q5_0", "gguf", T.Q5_0, _gguf_bits(T.Q5_0), _gguf_bits(T.Q5_0), _DQ_LEGACY, "recipe", True, True, 0),
-    WeightLevel("Q4_1", "gguf", T.Q4_1, _gguf_bits(T.Q4_1), _gguf_bits(T.Q4_1), _DQ_LEGACY, "recipe", False, True, 1),
-    WeightLevel("Q4_0", "gguf", T.Q4_0, _gguf_bits(T.Q4_0), _gguf_bits(T.Q4_0), _DQ_LEGACY, "recipe", True, True, 0),
-    WeightLevel("NF4", "bnb", None, NF4_BITS, NF4_BITS, _DQ_NF4, "linear", True, True, 1),
-    WeightLevel("Q4_K_S", "gguf", T.Q4_K, _gguf_bits(T.Q4_K), _gguf_bits(T.Q4_K), _DQ_K, "recipe", False, True, 2),
-    WeightLevel("IQ4_XS", "gguf", T.IQ4_XS, _gguf_bits(T.IQ4_XS), _gguf_bits(T.IQ4_XS), _DQ_IQ, "recipe", False,
-                False, 3, candidate=False),
-    WeightLevel("IQ4_NL", "gguf", T.IQ4_NL, _gguf_bits(T.IQ4_NL), _gguf_bits(T.IQ4_NL), _DQ_IQ, "recipe", False,
-                False, 3, candidate=False),
-    WeightLevel("Q3_K_S", "gguf", T.Q3_K, _gguf_bits(T.Q3_K), _gguf_bits(T.Q3_K), _DQ_K, "recipe", False, True, 2),
-    WeightLevel("Q2_K", "gguf", T.Q2_K, _gguf_bits(T.Q2_K), _gguf_bits(T.Q2_K), _DQ_K, "recipe", False, True, 2),
-]}
-
-
-def resolve_level(text: str | None) -> WeightLevel | None:
-    """A level from what a user or the inspector calls it: 'Q4_K_S', 'q8_0', 'NF4 v2', 'FP8 e4m3fn', 'F16', ..."""
-    if not text:
-        return None
-    t = text.strip().upper().replace(" ", "_").replace("-", "_")
-    if t in LEVELS:
-        return LEVELS[t]
-    if t.startswith(("NF4", "BNB_NF4", "FP4", "BNB_FP4")):
-        return LEVELS["NF4"]
-    if t.startswith(("FP8", "F8", "FLOAT8")):
-        return LEVELS["FP8"]
-    for prefix, name in (("BF16", "BF16"), ("FP16", "FP16"), ("F16", "FP16"), ("FP32", "F32"), ("F32", "F32")):
-        if t.startswith(prefix):
-            return LEVELS[name]
-    match = re.search(r"IQ4_(XS|NL)|Q(\d)_K(?:_[SML])?|Q(\d)_(\d)", t)
-    if match is None:
-        return None
-    if match.group(1):
-        return LEVELS[f"IQ4_{match.group(1)}"]
-    if match.group(2):  # K-quant: the _S/_M/_L mixes are sized by their main type
-        return LEVELS.get(f"Q{match.group(2)}_K_S") or LEVELS.get(f"Q{match.group(2)}_K")
-    return LEVELS.get(f"Q{match.group(3)}_{match.group(4)}")
-
-
-def _is_linear_weight(name: str, shape: tuple[int, ...]) -> bool:
-    return len(shape) == 2 and name.endswith(".weight")
-
-
-def transformer_bytes(level: WeightLevel, config: FluxConfig = FLUX_DEV) -> int:
-    """Resident bytes of the Flux transformer stored at ``level`` (see module doc for which tensors are quantized)."""
-    total = 0.0
-    for name, shape in flux_param_shapes(config).items():
-        n = math.prod(shape)
-        if level.scope == "all":
-            total += n * level.bits / 8
-        elif level.scope == "recipe" and is_quantized_by_recipe(name, shape):
-            total += FORMATS[level.qtype].packed_bytes(n)
-        elif level.scope == "linear" and _is_linear_weight(name, shape):
-            total += n * level.bits / 8
-        else:
-            total += n * (2 if len(shape) == 2 else 4)
-    return int(total)
-
-
-def sdcpp_params_bytes(level: WeightLevel, config: FluxConfig = FLUX_DEV) -> int:
-    """What stable-diffusion.cpp's log reports as the diffusion model's parameter memory for ``--type level``.
-
-    sd.cpp converts every weight whose row length is a multiple of the block size except ``img_in`` (its
-    ``tensor_should_be_converted``); the rest stay BF16 as in flux1-dev.sft, and biases/norm scales are F32.
-    """
-    fmt = FORMATS[level.qtype]
-    total = 0
-    for name, shape in flux_param_shapes(config).items():
-        n = math.prod(shape)
-        if len(shape) == 2 and not name.startswith("img_in") and shape[1] % fmt.block_size == 0:
-            total += fmt.packed_bytes(n)
-        else:
-            total += n * (2 if len(shape) == 2 else 4)
-    return total
-
-
-def quantized_parameters(level: WeightLevel, config: FluxConfig = FLUX_DEV) -> int:
-    """Parameters that need dequantizing every step at ``level``."""
-    count = 0
-    for name, shape in flux_param_shapes(config).items():
-        if level.scope == "recipe" and is_quantized_by_recipe(name, shape) or \
-                level.scope in ("linear", "all") and _is_linear_weight(name, shape):
-            count += math.prod(shape)
-    return count
-
-
-def largest_layer_elements(config: FluxConfig = FLUX_DEV) -> int:
-    return max(math.prod(s) for n, s in flux_param_shapes(config).items() if _is_linear_weight(n, s))
-
-
-# T5-XXL encoder (google/t5-v1_1-xxl as shipped for Flux): 24 layers, d_model 4096, d_ff 10240 (gated GELU).
-T5_LAYERS, T5_D_MODEL, T5_D_FF, T5_VOCAB = 24, 4096, 10240, 32128
-T5_MATRIX_PARAMS = T5_LAYERS * (4 * T5_D_MODEL ** 2 + 3 * T5_D_MODEL * T5_D_FF)
-T5_OTHER_PARAMS = T5_VOCAB * T5_D_MODEL + T5_LAYERS * 2 * T5_D_MODEL + T5_D_MODEL + 32 * 64
-
-# T5 options best first: (name, bits per matrix weight); non-matrix parameters stay 16-bit (8-bit for fp8 files).
-T5_OPTIONS: list[tuple[str, float]] = [
-    ("fp16", 16.0), ("fp8", 8.0), ("Q8_0", _gguf_bits(T.Q8_0)), ("Q5_K_M", _gguf_bits(T.Q5_K)),
-    ("Q4_K_M", _gguf_bits(T.Q4_K))]
-
-
-def t5_bytes(option: str) -> int:
-    bits = dict(T5_OPTIONS)[option]
-    other_bits = 8.0 if option == "fp8" else 16.0
-    return int(T5_MATRIX_PARAMS * bits / 8 + T5_OTHER_PARAMS * other_bits / 8)
-
-
-# ------------------------------------------------------------------------------------------------------ GPUs
-@dataclass(frozen=True)
-class GpuProfile:
-    """Published specs. ``tflops``: dense fp16/bf16 tensor throughput with fp32 accumulation (what PyTorch uses);
-    fp32 throughput for cards without tensor cores."""
-
-    name: str
-    keys: tuple[str, ...]             # normalised name fragments that identify the card
-    vram_gb: float
-    tflops: float
-    mem_gbps: float
-    pcie_gen: int
-    pcie_lanes: int
-    bf16: bool
-    fp8: bool
-    datacenter: bool = False
-
-    @property
-    def pcie_gbps(self) -> float:
-        return PCIE_GBPS_PER_LANE.get(self.pcie_gen, 0.985) * self.pcie_lanes
-
-
-GPU_PROFILES: list[GpuProfile] = [
-    GpuProfile("GTX 1060 3GB", ("gtx10603gb",), 3, 3.9, 192, 3, 16, False, False),
-    GpuProfile("GTX 1060 6GB", ("gtx1060",), 6, 4.4, 192, 3, 16, False, False),
-    GpuProfile("GTX 1080", ("gtx1080",), 8, 8.9, 320, 3, 16, False, False),
-    GpuProfile("RTX 2060", ("rtx2060",), 6, 25.8, 336, 3, 16, False, False),
-    GpuProfile("RTX 3060", ("rtx3060",), 12, 25.5, 360, 4, 16, True, False),
-    GpuProfile("RTX 3070 Ti Laptop", ("rtx3070tilaptop",), 8, 35.0, 448, 4, 16, True, False),
-    GpuProfile("RTX 3090", ("rtx3090",), 24, 71.0, 936, 4, 16, True, False),
-    GpuProfile("RTX 4060", ("rtx4060",), 8, 30.2, 272, 4, 8, True, True),
-    GpuProfile("RTX 4060 Ti 16GB", ("rtx4060ti16gb", "rtx4060ti"), 16, 44.2, 288, 4, 8, True, True),
-    GpuProfile("RTX 4070", ("rtx4070",), 12, 58.3, 504, 4, 16, True, True),
-    GpuProfile("RTX 4080", ("rtx4080",), 16, 97.5, 717, 4, 16, True, True),
-    GpuProfile("RTX 4090", ("rtx4090",), 24, 165.2, 1008, 4, 16, True, True),
-    GpuProfile("RTX 5090", ("rtx5090",), 32, 209.5, 1792, 5, 16, True, True),
-    GpuProfile("A100 40GB", ("a10040gb", "a100pcie40gb", "a100sxm440gb"), 40, 312, 1555, 4, 16, True, False, True),
-    GpuProfile("A100 80GB", ("a100",), 80, 312, 2039, 4, 16, True, False, True),
-    GpuProfile("H100 PCIe", ("h100pcie",), 80, 756, 2000, 5, 16, True, True, True),
-    GpuProfile("H100", ("h100",), 80, 989, 3350, 5, 16, True, True, True),
-    GpuProfile("H200", ("h200",), 141, 989, 4800, 5, 16, True, True, True),
-    GpuProfile("Apple M-series (generic)", ("applegpu", "apple"), 16, 14.0, 200, 0, 0, True, False),
-]
-_PROFILES_BY_NAME = {p.name: p for p in GPU_PROFILES}
-# Unknown cards: speed of a representative card of the same VRAM class (upper bound GiB -> profile).
-_VRAM_CLASSES: list[tuple[float, str]] = [
-    (3.5, "GTX 1060 3GB"), (6.5, "RTX 2060"), (8.5, "RTX 4060"), (12.5, "RTX 3060"), (16.5, "RTX 4060 Ti 16GB"),
-    (24.5, "RTX 3090"), (32.5, "RTX 5090"), (48.5, "A100 40GB"), (96.0, "H100"), (math.inf, "H200")]
-
-
-def _normalise(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower()).replace("nvidia", "").replace("geforce", "")
-
-
-def find_gpu_profile(name: str | None) -> GpuProfile | None:
-    """The table entry whose longest key occurs in ``name`` ('NVIDIA GeForce RTX 3070 Ti Laptop GPU' -> 3070 Ti L)."""
-    if not name:
-        return None
-    normalised = _normalise(name)
-    best: tuple[int, GpuProfile] | None = None
-    for profile in GPU_PROFILES:
-        for key in profile.keys:
-            if key in normalised and (best is None or len(key) > best[0]):
-                best = (len(key), profile)
-    return best[1] if best else None
-
-
-def profile_for_vram(vram_bytes: int) -> GpuProfile:
-    gib = vram_bytes / GIB
-    return next(_PROFILES_BY_NAME[name] for bound, name in _VRAM_CLASSES if gib <= bound)
-
-
-# ------------------------------------------------------------------------------------------------ FLOPs, sizes
-def image_tokens(width: int, height: int) -> int:
-    return (height // 16) * (width // 16)
-
-
-def flux_step_flops(width: int, height: int, batch: int = 1, config: FluxConfig = FLUX_DEV,
-                    text_tokens: int = TEXT_TOKENS) -> float:
-    """FLOPs of one transformer evaluation. Modulation layers act on one vector per sample and are negligible."""
-    h, m = config.hidden, config.mlp_hidden
-    img, txt = image_tokens(width, height), text_tokens
-    tokens = img + txt
-    double_per_token = 4 * h * h + 2 * h * m              # qkv 3h^2 + proj h^2 + mlp 2hm, per stream
-    single_per_token = (3 * h + m) * h + (h + m) * h      # linear1 + linear2
-    linear = 2 * (config.depth * tokens * double_per_token + config.depth_single * tokens * single_per_token)
-    attention = 4 * tokens * tokens * h * (config.depth + config.depth_single)
-    return float(batch * (linear + attention))
-
-
-def forge_activation_bytes(width: int, height: int, batch: int = 1, dtype_size: int = 2) -> int:
-    """Forge's Flux inference-memory estimate (FORGE_NOTES section 5)."""
-    return int(FORGE_ACTIVATION_FACTOR * 2 * batch * (height / 8) * (width / 8) * dtype_size * 16384)
-
-
-def activation_bytes(width: int, height: int, batch: int = 1) -> int:
-    physical = batch * (image_tokens(width, height) + TEXT_TOKENS) * ACT_BYTES_PER_TOKEN
-    return max(forge_activation_bytes(width, height, batch), physical)
-
-
-def vae_decode_bytes(width: int, height: int, tiled: bool = False) -> int:
-    pixels = min(width * height, VAE_TILE_PIXELS) if tiled else width * height
-    return int(pixels * VAE_DECODE_BYTES_PER_PIXEL)
+from lib_fluxq.families import HOSTS as HOST_TITLES
+from lib_fluxq.hardware import GIB, Hardware, detect
 
 
 # ------------------------------------------------------------------------------------------------ result types
@@ -378,7 +93,7 @@ class FileVerdict:
     family: str
     level: str | None
     size_gb: float
-    verdict: str              # "fits" | "offloads" | "won't fit" | "component" | "skipped"
+    verdict: str              # "fits" | "offloads" | "won't fit" | "component" | "skipped" | "unreadable"
     step_s: float | None
     reason: str
 
@@ -415,6 +130,9 @@ class Advice:
     files: list[FileVerdict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     hardware: dict[str, Any] = field(default_factory=dict)
+    model_title: str = ""                 # the family's name for people, e.g. "FLUX.2 [klein] 9B"
+    alternative: Choice | None = None     # another family that runs better here, when this one runs poorly
+    families: list[dict[str, Any]] = field(default_factory=list)   # every family's best plan on this machine
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -432,17 +150,22 @@ class Planner:
     """Estimates for one machine (``Hardware``) and one Flux variant; ``advise()`` picks, ``rank_files()`` judges."""
 
     def __init__(self, hardware: Hardware, width: int = 1024, height: int = 1024, batch: int = 1,
-                 model: str = "dev", steps: int | None = None) -> None:
+                 model: str = "dev", steps: int | None = None, host: str = "forge", fluxq_loading: bool = True) -> None:
         if width % 16 or height % 16 or not (256 <= width <= 4096 and 256 <= height <= 4096):
             raise FluxqError(f"size {width}x{height} is not a Flux size: use multiples of 16 between 256 and 4096")
-        if model not in ("dev", "schnell"):
-            raise FluxqError(f"unknown Flux variant '{model}': use dev or schnell")
+        family = resolve_family(model)
+        if host not in HOSTS:
+            raise FluxqError(f"unknown host '{host}': use one of {', '.join(HOSTS)}")
         hardware = replace(hardware, sources=dict(hardware.sources), notes=list(hardware.notes))
         self.hardware = hardware
+        # RAM figures are what the user sees in this host with fluxq's loading active (or with the host alone)
+        self.host, self.fluxq_loading = host, fluxq_loading
         self.width, self.height, self.batch = width, height, batch
-        self.model = model
-        self.config = FLUX_DEV if model == "dev" else FLUX_SCHNELL
-        self.steps = steps if steps is not None else (20 if model == "dev" else 4)
+        # The family table's row drives everything model-specific: geometry, text encoders, default steps, hosts.
+        self.family = family
+        self.model = family.key
+        self.config = family.geometry
+        self.steps = steps if steps is not None else (family.steps or 20)
         self.profile_assumed = False
         profile = find_gpu_profile(hardware.gpu_name)
         if hardware.backend == "mps":
@@ -455,6 +178,11 @@ class Planner:
             profile = profile_for_vram(hardware.vram_total)
             self.profile_assumed = True
         self.profile = profile
+        # A card named for planning (not detected) whose VRAM the table does not know: nothing to plan with.
+        self.unknown_card = None
+        if hardware.backend != "cpu" and not hardware.vram_total and hardware.gpu_name:
+            self.unknown_card = (f"'{hardware.gpu_name}' is not a card the advisor knows, so its VRAM is unknown: "
+                                 "give the card's VRAM (GB) to plan for it")
         self._weights: dict[str, int] = {name: transformer_bytes(lv, self.config) for name, lv in LEVELS.items()}
 
     # -- budget ---------------------------------------------------------------------------------------------
@@ -492,7 +220,7 @@ class Planner:
         return largest_layer_elements(self.config) * dtype_size
 
     def working_set(self, level: WeightLevel, width: int, height: int) -> int:
-        return activation_bytes(width, height, self.batch) + self.scratch_bytes(level)
+        return activation_bytes(width, height, self.batch, self.config) + self.scratch_bytes(level)
 
     def reserve_bytes(self, level: WeightLevel, width: int, height: int) -> int:
         """What to leave Forge for computation ("total - GPU Weights"): the working set + 10%, rounded up to 64 MB."""
@@ -517,8 +245,23 @@ class Planner:
             return "MPS has no float8 storage"
         return None
 
+    def ram_peak(self, level: WeightLevel) -> RamPeak:
+        """The measured load-peak factor for ``level``'s file in this host (RAM_PEAKS, calibration.py)."""
+        if level.kind != "gguf":
+            return SAFETENSORS_RAM_PEAK
+        storage = "baked" if level.name in BAKED_GGUF_TYPES else "mapped"
+        return RAM_PEAKS[(self.host, "fluxq" if self.fluxq_loading else "host", storage)]
+
+    def load_peak_bytes(self, level: WeightLevel, files_bytes: int) -> int:
+        """Peak RAM while the WebUI loads ``files_bytes`` of model files (transformer + text encoders + VAE)."""
+        return int(self.ram_peak(level).factor * files_bytes) + RAM_BASE_BYTES
+
+    def te_bytes(self, option: str) -> int:
+        """This family's text encoders (T5-XXL + CLIP-L, Qwen3, Mistral) at ``option`` (a T5_OPTIONS precision)."""
+        return text_encoder_bytes(self.family.companions, option)
+
     def ram_steady(self, offloaded: int, t5: str = "fp16") -> int:
-        return offloaded + t5_bytes(t5) + CLIP_L_BYTES + VAE_WEIGHT_BYTES + RAM_BASE_BYTES
+        return offloaded + self.te_bytes(t5) + VAE_WEIGHT_BYTES + RAM_BASE_BYTES
 
     # -- speed ----------------------------------------------------------------------------------------------
     def compute_seconds(self, width: int, height: int) -> float:
@@ -557,12 +300,12 @@ class Planner:
                       file_bytes: int | None = None, t5: str = "fp8", cold: bool = True) -> float:
         """One image: steps, T5 round trip over PCIe, VAE decode; ``cold`` adds reading the files from disk."""
         total = steps * self.step_seconds(level, offloaded, width, height)
-        total += t5_bytes(t5) / self.pcie_bytes_per_second(False)
+        total += self.te_bytes(t5) / self.pcie_bytes_per_second(False)
         if self.profile is not None:
             total += width * height * VAE_DECODE_FLOPS_PER_PIXEL / (self.profile.tflops * 1e12 * MATMUL_EFFICIENCY)
         if cold:
-            weights = file_bytes if file_bytes is not None else self.weights(level) + t5_bytes(t5)
-            total += (weights + CLIP_L_BYTES + VAE_WEIGHT_BYTES) / (DISK_GBPS * GB)
+            weights = file_bytes if file_bytes is not None else self.weights(level) + self.te_bytes(t5)
+            total += (weights + VAE_WEIGHT_BYTES) / (DISK_GBPS * GB)
         return total
 
     # -- one level ------------------------------------------------------------------------------------------
@@ -623,6 +366,8 @@ class Planner:
     def advise(self, files: Iterable[ModelFile | Sequence[Any]] | None = None) -> Advice:
         hw = self.hardware
         warnings: list[str] = []
+        if self.unknown_card:
+            return self._no_plan_advice(self.unknown_card, {}, files, cpu_only=False)
         if not hw.has_gpu:
             return self._cpu_only_advice(files)
         estimates = {name: self.estimate(lv) for name, lv in LEVELS.items()}
@@ -659,28 +404,31 @@ class Planner:
         resolutions = self._resolutions(level)
         resolution = Choice([width, height], self._resolution_reason(level, est, width, height, small, slow),
                             {"megapixels": round(width * height / 1e6, 2), "tokens": image_tokens(width, height)
-                             + TEXT_TOKENS, "activations_gb": _gb(activation_bytes(width, height, self.batch))})
+                             + TEXT_TOKENS, "activations_gb": _gb(activation_bytes(width, height, self.batch,
+                                                                                   self.config))})
         gpu_weights = self._gpu_weights(level, est, reserve, weights)
         text_encoder = self._text_encoder(level, est, width, height, warnings)
         swap_method, swap_location = self._swap(est, level, width, height, text_encoder.value["t5"])
         vae = self._vae(est, width, height)
         refine = Choice(bool(small or slow), self._refine_reason(small, slow, est),
                         {"render": [width, height], "final": [width * 2, height * 2]} if (small or slow) else {})
-        self._general_warnings(level, est, warnings)
+        self._general_warnings(level, est, warnings, text_encoder.value["t5"])
         summary = (f"{level.name} at {width}x{height}, GPU Weights {gpu_weights.value} MB, "
-                   f"T5 {text_encoder.value['t5']} in {text_encoder.value['placement']}"
+                   f"text encoders {text_encoder.value['t5']} in {text_encoder.value['placement']}"
                    + (", then refine" if refine.value else ""))
         return Advice(
             backend=hw.backend, gpu=hw.gpu_name, gpu_profile=self.profile.name if self.profile else None,
             profile_assumed=self.profile_assumed, vram_gb=_gb(self.total), ram_gb=_gb(hw.ram_total or 0) or None,
-            disk_free_gb=None if hw.disk_free is None else _gb(hw.disk_free), model=f"flux-{self.model}",
+            disk_free_gb=None if hw.disk_free is None else _gb(hw.disk_free), model=self.model,
             width=width, height=height, steps=self.steps, budget_gb=_gb(self.budget), cpu_only=False,
             summary=summary, recommended=recommended, faster=faster, resolution=resolution,
             resolutions=resolutions, gpu_weights_mb=gpu_weights, swap_method=swap_method,
             swap_location=swap_location, text_encoder=text_encoder, vae=vae, refine=refine,
             levels=[self.estimate(lv, width, height) for lv in LEVELS.values()],
             files=self.rank_files(files, width, height) if files is not None else [],
-            warnings=warnings, hardware=hw.to_dict())
+            warnings=warnings, hardware=hw.to_dict(), model_title=self.family.title,
+            **self._across_families(est if est.fit in ("resident", "near-resident") and level.fidelity_bits >= 4
+                                    and not small else None))
 
     # -- reasons --------------------------------------------------------------------------------------------
     def _level_reason(self, level: WeightLevel, est: LevelEstimate) -> str:
@@ -772,22 +520,31 @@ class Planner:
         ram_total = self.hardware.ram_total or 0
         offloaded = int(est.offloaded_gb * GIB)
         chosen = T5_OPTIONS[-1][0]
-        for option, _bits in T5_OPTIONS:
-            if ram_total == 0 or self.ram_steady(offloaded, option) <= ram_total * RAM_COMFORT:
+
+        def load_peak(option: str) -> int:
+            return self.load_peak_bytes(level, self.weights(level) + self.te_bytes(option) + VAE_WEIGHT_BYTES)
+
+        for option, _bits in T5_OPTIONS:   # best first: the first that fits in use and while loading
+            if ram_total == 0 or (self.ram_steady(offloaded, option) <= ram_total * RAM_COMFORT
+                                  and load_peak(option) <= ram_total):
                 chosen = option
                 break
-        t5 = t5_bytes(chosen)
-        beside = int(est.need_gb * GIB) + t5 + CLIP_L_BYTES
+        t5 = self.te_bytes(chosen)       # every text encoder of the family at that precision
+        clip = CLIP_L_BYTES if "clip_l" in self.family.companions else 0
+        beside = int(est.need_gb * GIB) + t5
         on_gpu = est.offloaded_gb <= 0 and beside <= self.budget
         placement = "VRAM" if on_gpu else "RAM"
-        swap_s = round((t5 + CLIP_L_BYTES) / self.pcie_bytes_per_second(False), 1)
-        numbers = {"t5_gb": round(t5 / GB, 2), "clip_l_gb": round(CLIP_L_BYTES / GB, 2),
+        swap_s = round(t5 / self.pcie_bytes_per_second(False), 1)
+        numbers = {"t5_gb": round((t5 - clip) / GB, 2), "clip_l_gb": round(clip / GB, 2),
                    "ram_steady_gb": _gb(self.ram_steady(offloaded, chosen)),
                    "ram_total_gb": _gb(ram_total) if ram_total else None, "vram_with_t5_gb": _gb(beside),
+                   "ram_load_peak_gb": _gb(self.load_peak_bytes(level, self.weights(level) + t5
+                                                                + VAE_WEIGHT_BYTES)),
                    "prompt_swap_s": swap_s}
         precision = ("fp16: RAM has room for the full-precision encoder" if chosen == "fp16" else
-                     f"{chosen}: fp16 T5 ({t5_bytes('fp16') / GB:.1f} GB) would push RAM past "
-                     f"{RAM_COMFORT:.0%} of {_gb(ram_total)} GB")
+                     f"{chosen}: 16-bit text encoders ({self.te_bytes('fp16') / GB:.1f} GB) would push RAM past "
+                     f"{RAM_COMFORT:.0%} of {_gb(ram_total)} GB in use or past all of it while loading (peak "
+                     f"~{_gb(load_peak('fp16'))} GB)")
         where = ("stays on the GPU beside the transformer" if on_gpu else
                  f"kept in RAM; Forge moves it to the GPU for each new prompt (~{swap_s} s)")
         if ram_total and self.ram_steady(offloaded, chosen) > ram_total:
@@ -814,24 +571,86 @@ class Planner:
             return f"~{est.step_s} s/it at full size: a small Flux render + SD upscale is faster"
         return "the card renders full size directly; refine only if you want more than ~1 MP"
 
-    def _general_warnings(self, level: WeightLevel, est: LevelEstimate, warnings: list[str]) -> None:
+    def _general_warnings(self, level: WeightLevel, est: LevelEstimate, warnings: list[str], t5: str) -> None:
         hw = self.hardware
-        if not level.lora_patch:
+        if not level.lora_patch and not (self.fluxq_loading and level.kind == "gguf"):  # fluxq re-quantizes GGUF
             warnings.append(f"LoRA: Forge's default mode cannot re-quantize {level.name}; pick "
                             f"'Diffusion in Low Bits' = 'Automatic (fp16 LoRA)' or use Q8_0/Q5_0/Q4_0/NF4")
         file_bytes = self.weights(level)
-        if hw.ram_total and FORGE_LOAD_PEAK_FACTOR * file_bytes + RAM_BASE_BYTES > hw.ram_total:
-            warnings.append(f"loading a {file_bytes / GB:.1f} GB file in Forge peaks at "
-                            f"~{FORGE_LOAD_PEAK_FACTOR * file_bytes / GB:.0f} GB of RAM (2.63x, measured): the first "
-                            "load will use the page file")
+        files = file_bytes + self.te_bytes(t5) + VAE_WEIGHT_BYTES
+        peak = self.ram_peak(level)
+        if hw.ram_total and self.load_peak_bytes(level, files) > hw.ram_total:
+            how = "measured" if peak.measured else "target, not yet measured"
+            with_what = "with fluxq" if self.fluxq_loading else "without fluxq"
+            # memory-mapped files are paged back in from disk; copies (baked types, safetensors) go to the page file
+            effect = ("parts of the files will be re-read from disk (a slow first image)"
+                      if level.kind == "gguf" and self.fluxq_loading else "the first load will use the page file")
+            warnings.append(f"loading these files ({files / GB:.1f} GB) in {self.host.capitalize()} {with_what} "
+                            f"peaks at ~{self.load_peak_bytes(level, files) / GB:.0f} GB of RAM ({peak.factor:g}x "
+                            f"the files, {how}), more than the {_gb(hw.ram_total)} GB here: {effect}")
         if hw.disk_free is not None and hw.disk_free < file_bytes:
             warnings.append(f"only {_gb(hw.disk_free)} GB free in {hw.disk_path}; the {level.name} file needs "
                             f"{file_bytes / GB:.1f} GB")
+        support = self.family.hosts.get(self.host)
+        if support is not None and not support.runs:
+            warnings.append(f"{HOST_TITLES.get(self.host, self.host)} does not run {self.family.title}"
+                            + (f" ({support.note})" if support.note else ""))
         if hw.backend == "rocm":
             warnings.append("ROCm: GGUF works; NF4 needs a ROCm build of bitsandbytes that Forge does not install")
         if self.profile_assumed and self.profile is not None:
-            which = f"'{hw.gpu_name}' is not in the speed table" if hw.gpu_name else "no card name given (--gpu)"
+            which = f"'{hw.gpu_name}' is not in the speed table" if hw.gpu_name else "no card name given"
             warnings.append(f"{which}; speeds assume a {self.profile.name}-class card")
+
+    # -- other families ---------------------------------------------------------------------------------------
+    def best_plan(self) -> dict[str, Any]:
+        """This family's best level on this machine at the planned size (or 512x768 when nothing fits larger), with
+        the time per image at the family's default steps: one row of the cross-family comparison."""
+        row: dict[str, Any] = {"family": self.model, "title": self.family.title, "steps": self.steps,
+                               "runs_here": True, "level": None, "fit": "won't fit", "step_s": None, "image_s": None}
+        support = self.family.hosts.get(self.host)
+        if support is not None and not support.runs:
+            row.update(runs_here=False, note=support.note)
+        for width, height in ((self.width, self.height), (512, 768)):
+            picked = self.pick({name: self.estimate(lv, width, height) for name, lv in LEVELS.items()})
+            if picked is not None:
+                level, est = picked
+                row.update(level=level.name, fit=est.fit, step_s=est.step_s, width=width, height=height,
+                           fidelity_bits=level.fidelity_bits, weights_gb=est.weights_gb,
+                           image_s=None if est.step_s is None else round(est.step_s * self.steps, 1))
+                break
+        return row
+
+    def _across_families(self, good: LevelEstimate | None) -> dict[str, Any]:
+        """Every other family's best plan here, and — when this family runs poorly (``good`` is None) — the best of
+        them: it runs on this host, resident (or near) at >= 4 bits, at the planned size, then the least time per
+        image at its own default steps."""
+        rows = []
+        for family in planned_families():
+            if family.same_weights_as is not None:   # Kontext / Krea / Klein Base: their twin's row says it all
+                continue
+            other = self if family.key == self.model else Planner(
+                self.hardware, self.width, self.height, self.batch, model=family.key, host=self.host,
+                fluxq_loading=self.fluxq_loading)
+            rows.append(other.best_plan())
+        if good is not None:
+            return {"families": rows}
+
+        def rank(row: dict[str, Any]) -> tuple[Any, ...]:
+            tier = {"resident": 0, "near-resident": 1, "offload": 2}.get(row["fit"], 9)
+            full_size = (row.get("width"), row.get("height")) == (self.width, self.height)
+            return (not row["runs_here"], tier, row.get("fidelity_bits", 0) < 4, not full_size,
+                    row["image_s"] if row["image_s"] is not None else math.inf)
+
+        others = [r for r in rows if r["family"] != self.model and r["level"] is not None and r["runs_here"]]
+        best = min(others, key=rank, default=None)
+        if best is None or rank(best)[1] > 1:
+            return {"families": rows}
+        mine = next(r for r in rows if r["family"] == self.model)
+        mine_text = (f"{self.family.title} runs only at {mine['level']} ({mine['fit']}, ~{mine['image_s']} s per "
+                     "image)" if mine["level"] else f"{self.family.title} does not fit")
+        reason = (f"{mine_text} here; {best['title']} {best['level']} is {best['fit']} at {best['width']}x"
+                  f"{best['height']}: ~{best['step_s']} s/it x {best['steps']} steps = ~{best['image_s']} s per image")
+        return {"families": rows, "alternative": Choice(best["family"], reason, dict(best))}
 
     # -- special cases ---------------------------------------------------------------------------------------
     def _empty_choice(self, reason: str) -> Choice:
@@ -843,8 +662,8 @@ class Planner:
         why = (f"won't fit: even {smallest.level} ({smallest.weights_gb} GB) leaves no usable room on a "
                f"{_gb(self.total)} GB card — Forge needs ~{_gb(reserve)} GB for computation at 512x512 plus "
                f"{_gb(CONTEXT_BYTES)} GB for CUDA, and streaming more than half the weights every step is slower "
-               "than it is worth. Use stable-diffusion.cpp (Q2_K needs 3.7 GB of parameters, no offload) or "
-               "SD1.5/SDXL-class models on this card")
+               "than it is worth. Use a smaller family (see the comparison of families) or SD1.5/SDXL-class models "
+               "on this card")
         heavy = [self.estimate(lv, 512, 512) for lv in LEVELS.values() if lv.candidate and lv.fidelity_bits >= 4]
         heavy = [e for e in heavy if e.fit == "heavy offload" and e.step_s is not None]
         if heavy:
@@ -859,14 +678,15 @@ class Planner:
         step_small = flux_step_flops(512, 512, 1, self.config) / (gflops * 1e9)
         step_full = flux_step_flops(1024, 1024, 1, self.config) / (gflops * 1e9)
         why = (f"no CUDA, ROCm or Apple GPU found. Flux on a CPU is impractical: one step is "
-               f"{flux_step_flops(1024, 1024) / 1e12:.0f} TFLOP at 1024x1024; {cores} core(s) at ~{gflops:.0f} "
+               f"{flux_step_flops(1024, 1024, 1, self.config) / 1e12:.0f} TFLOP at 1024x1024; {cores} core(s) at "
+               f"~{gflops:.0f} "
                f"GFLOP/s take ~{step_full / 60:.0f} min per step (~{step_small / 60:.1f} min at 512x512). "
                "Alternatives: run this advice for the GPU you can rent or borrow (e.g. --vram 16 --gpu 'RTX 4060 Ti'),"
                " use a cloud GPU, or on this machine use SD1.5/SDXL-Turbo-class models")
         estimates = {}
         for name, lv in LEVELS.items():
             weights = self.weights(lv)
-            ram = weights + t5_bytes("fp8") + CLIP_L_BYTES + VAE_WEIGHT_BYTES + RAM_BASE_BYTES
+            ram = weights + self.te_bytes("fp8") + VAE_WEIGHT_BYTES + RAM_BASE_BYTES
             estimates[name] = LevelEstimate(name, lv.fidelity_bits, _gb(weights), _gb(weights), "unsupported"
                                             if self.supported(lv) else "cpu", 0, 0,
                                             round(step_full, 1), _gb(ram), self.supported(lv) or "CPU only")
@@ -883,7 +703,7 @@ class Planner:
             backend=hw.backend, gpu=hw.gpu_name, gpu_profile=self.profile.name if self.profile else None,
             profile_assumed=self.profile_assumed, vram_gb=_gb(self.total) if self.total else None,
             ram_gb=_gb(hw.ram_total) if hw.ram_total else None,
-            disk_free_gb=None if hw.disk_free is None else _gb(hw.disk_free), model=f"flux-{self.model}",
+            disk_free_gb=None if hw.disk_free is None else _gb(hw.disk_free), model=self.model,
             width=self.width, height=self.height, steps=self.steps, budget_gb=_gb(self.budget) if self.total else None,
             cpu_only=cpu_only, summary=why.split(":")[0] if not cpu_only else "CPU only: Flux is impractical here",
             recommended=Choice(None, why, numbers or {}), faster=None, resolution=none, resolutions=[],
@@ -891,7 +711,8 @@ class Planner:
             refine=Choice(True, "if you must: a small render on a borrowed GPU, refined with SD1.5 locally", {}),
             levels=list(estimates.values()),
             files=self.rank_files(files, self.width, self.height) if files is not None else [],
-            warnings=[], hardware=hw.to_dict())
+            warnings=[], hardware=hw.to_dict(), model_title=self.family.title,
+            **(self._across_families(None) if hw.has_gpu and not self.unknown_card else {}))
 
     # -- user files -----------------------------------------------------------------------------------------
     def rank_files(self, files: Iterable[ModelFile | Sequence[Any]] | None, width: int | None = None,
@@ -911,6 +732,8 @@ class Planner:
     def _judge(self, item: ModelFile, width: int, height: int) -> tuple[FileVerdict, tuple[Any, ...]]:
         size_gb = round(item.size_bytes / GB, 2)
         family = (item.family or "unknown").lower()
+        if item.error is not None:
+            return (FileVerdict(item.name, family, None, size_gb, "unreadable", None, item.error), (5, item.name))
         if family in ("t5xxl", "clip_l", "flux-ae", "vae"):
             return (FileVerdict(item.name, family, item.level, size_gb, "component", None,
                                 "text encoder / VAE: see text_encoder for where it goes"), (3, item.name))
@@ -943,6 +766,7 @@ class Planner:
                 (2, item.name))
 
 
+
 @dataclass
 class ModelFile:
     """What the advisor needs to know about a user's file (the inspector's report reduced to four facts)."""
@@ -951,15 +775,22 @@ class ModelFile:
     level: str | None
     size_bytes: int
     family: str
+    error: str | None = None          # why the inspector could not read it (the file is then listed last, unreadable)
 
 
 def files_from_reports(reports: Iterable[Any]) -> list[ModelFile]:
-    """Adapter from ``lib_fluxq.inspect`` FileReports (path, status, level, file_size, family)."""
+    """Adapter from ``lib_fluxq.inspect`` FileReports (path, status, error, level, file_size, family).
+
+    Files the inspector could not read are kept, with its reason, so a truncated download is listed as unreadable
+    instead of vanishing from the ranking."""
     files = []
     for report in reports:
+        name = os.path.basename(report.path)
         if getattr(report, "status", "ok") != "ok":
+            reason = getattr(report, "error", None) or getattr(report, "status", "unreadable")
+            files.append(ModelFile(name, None, int(getattr(report, "file_size", 0) or 0), "unreadable", reason))
             continue
-        files.append(ModelFile(os.path.basename(report.path), report.level, int(report.file_size), report.family))
+        files.append(ModelFile(name, report.level, int(report.file_size), report.family))
     return files
 
 
@@ -981,8 +812,10 @@ def scan_models(models_dir: str) -> list[ModelFile]:
 
 
 def advise(hardware: Hardware, width: int = 1024, height: int = 1024, model: str = "dev",
-           files: Iterable[ModelFile | Sequence[Any]] | None = None, steps: int | None = None) -> Advice:
-    return Planner(hardware, width, height, model=model, steps=steps).advise(files)
+           files: Iterable[ModelFile | Sequence[Any]] | None = None, steps: int | None = None, host: str = "forge",
+           fluxq_loading: bool = True) -> Advice:
+    return Planner(hardware, width, height, model=model, steps=steps, host=host,
+                   fluxq_loading=fluxq_loading).advise(files)
 
 
 def transformer_vram_gb(level: str, model_bytes: float, width: int = 1024, height: int = 1024) -> float:
@@ -1023,97 +856,3 @@ def gpu_weights_mb_for_loaded_model(sd_model: Any) -> int | None:
     path = getattr(info, "filename", None)
     return gpu_weights_mb_for_file(path) if path else None
 
-
-# -------------------------------------------------------------------------------------------------- rendering
-def render_text(advice: Advice) -> str:
-    lines: list[str] = []
-    hw = advice.hardware
-    gpu = advice.gpu or "no GPU"
-    vram = f"{advice.vram_gb:g} GB" if advice.vram_gb else "-"
-    lines.append(f"Machine: {advice.backend.upper()} · {gpu} · VRAM {vram} · "
-                 f"RAM {advice.ram_gb or 0:g} GB" + (f" · {advice.disk_free_gb:g} GB free on disk"
-                                                     if advice.disk_free_gb is not None else ""))
-    if advice.profile_assumed and advice.gpu_profile:
-        lines.append(f"  (speeds assume a {advice.gpu_profile}-class card)")
-    for note in hw.get("notes", []):
-        lines.append(f"  note: {note}")
-    lines.append("")
-    if advice.recommended.value is None:
-        lines.append(advice.recommended.reason)
-    else:
-        lines.append(f"Plan for FLUX.1-{advice.model.split('-')[-1]}: {advice.summary}")
-        lines.append("")
-        rows = [("Quant level", advice.recommended), ("Faster alternative", advice.faster),
-                ("Resolution", advice.resolution), ("GPU Weights (MB)", advice.gpu_weights_mb),
-                ("Swap method", advice.swap_method), ("Swap location", advice.swap_location),
-                ("Text encoders", advice.text_encoder), ("VAE decode", advice.vae), ("Refine", advice.refine)]
-        for label, choice in rows:
-            if choice is None:
-                lines.append(f"  {label:<19} none faster at similar fidelity")
-                continue
-            value = choice.value
-            if isinstance(value, dict):
-                value = ", ".join(f"{k}={v}" for k, v in value.items())
-            elif isinstance(value, list):
-                value = "x".join(str(v) for v in value)
-            lines.append(f"  {label:<19} {value}")
-            lines.append(f"  {'':<19} └ {choice.reason}")
-    if advice.levels and not advice.cpu_only:
-        lines.append("")
-        lines.append(f"All levels at {advice.width}x{advice.height} (budget {advice.budget_gb} GB):")
-        lines.append(f"  {'level':<8}{'weights':>9}{'needs':>8}  {'fit':<14}{'s/it':>7}")
-        for e in advice.levels:
-            if not LEVELS[e.level].candidate:
-                continue
-            step = "-" if e.step_s is None else f"{e.step_s:g}"
-            lines.append(f"  {e.level:<8}{e.weights_gb:>8.2f}G{e.need_gb:>7.2f}G  {e.fit:<14}{step:>7}")
-    if advice.files:
-        lines.append("")
-        lines.append("Your files:")
-        for f in advice.files:
-            step = f" ~{f.step_s:g} s/it" if f.step_s is not None else ""
-            lines.append(f"  {f.verdict:<10} {f.name} ({f.level or '?'}, {f.size_gb:g} GB){step} — {f.reason}")
-    for warning in advice.warnings:
-        lines.append(f"warning: {warning}")
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------------- CLI
-def _size(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"'{text}' is not WIDTHxHEIGHT (e.g. 1024x1024)")
-    return int(match.group(1)), int(match.group(2))
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number of GB") from None
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vram", type=_number, metavar="GB", help="plan for a card with this much VRAM (GiB)")
-    parser.add_argument("--ram", type=_number, metavar="GB", help="plan for this much system RAM (GiB)")
-    parser.add_argument("--gpu", metavar="NAME", help="plan for this card, e.g. 'RTX 3060' (speed table lookup)")
-    parser.add_argument("--models", metavar="DIR", help="also rank the model files in this folder")
-    parser.add_argument("--size", type=_size, default=(1024, 1024), metavar="WxH",
-                        help="target image size (default 1024x1024)")
-    parser.add_argument("--model", choices=("dev", "schnell"), default="dev", help="Flux variant (default dev)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps for time per image")
-    parser.add_argument("--json", action="store_true", help="print the advice as JSON")
-
-
-def run(args: argparse.Namespace) -> int:
-    models_dir = getattr(args, "models", None)
-    if models_dir is not None and not os.path.isdir(models_dir):
-        raise FluxqError(f"{models_dir}: no such folder (give the folder holding your .gguf/.safetensors files)")
-    if args.steps is not None and not 1 <= args.steps <= 1000:
-        raise FluxqError(f"--steps {args.steps} is not plausible (use 1..1000)")
-    hardware = with_overrides(detect(models_dir), vram_gb=args.vram, ram_gb=args.ram, gpu_name=args.gpu)
-    files = scan_models(models_dir) if models_dir is not None else None
-    width, height = args.size
-    advice = advise(hardware, width, height, model=args.model, files=files, steps=args.steps)
-    print(advice.to_json() if args.json else render_text(advice))
-    return 0
