@@ -236,7 +236,8 @@ def _download_locked(remote: RemoteFile, dest: str, partial: str, token: Token,
         sink = _Sink(handle, have, remote.size, hasher, progress, cancel, label)
         if progress is not None:
             progress(have, remote.size, f"{'resuming at ' + _mb(have) if have else 'starting'}")
-        _transfer(remote, sink, headers, label)
+        if have < remote.size:   # a complete download kept from before (its name was taken) needs no request
+            _transfer(remote, sink, headers, label)
     size = os.path.getsize(partial)
     if size != remote.size:
         raise DownloadError(f"{label}: got {size} bytes, the Hub announced {remote.size}; start again to resume")

@@ -89,7 +89,7 @@ def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("shared-webui")
     files = _build(root)
     hub_data = {}
-    with FakeHub(chunk=64 * 1024, delay=0.01) as hub:
+    with FakeHub(chunk=16 * 1024, delay=0.02) as hub:   # ~2 s per file: long enough to stop one
         for entry in catalog.CATALOG:
             hub_data[entry.key] = hashlib.shake_256(entry.key.encode()).digest(1_500_000)
             hub.add(entry.repo, entry.filename, hub_data[entry.key])
@@ -100,7 +100,9 @@ def site(tmp_path_factory):
 
 
 def _visitor(url: str):
-    return client_module.Client(url, verbose=False)
+    """A new browser session. gradio_client's 5 s read timeout is raised: on a shared 2-core test machine the
+    server (busy with the jobs it allows) can take longer to answer; that it answers at all is what is checked."""
+    return client_module.Client(url, verbose=False, httpx_kwargs={"timeout": 120})
 
 
 def _errors(page: str) -> list[str]:
@@ -190,12 +192,14 @@ def test_visitors_see_only_titles_of_other_visitors_jobs_and_cannot_stop_them(si
     assert "wrote models/Stable-diffusion/alice-Q8_0.gguf: Q8_0" in page, page
     seen_by_bob = bob.predict(api_name="/watch_convert")
     assert "convert tiny-flux-dev-bf16.safetensors → Q8_0" in seen_by_bob
-    assert "(another visitor's job)" in seen_by_bob and "wrote" not in seen_by_bob and "alice-Q8_0" not in seen_by_bob
+    assert "(started by another visitor)" in seen_by_bob
+    assert "wrote" not in seen_by_bob and "alice-Q8_0" not in seen_by_bob
 
     # Bob's "Stop" and "show" reach only his own jobs
-    page = alice.predict("flux1-dev-q8_0", "", api_name="/download")   # ~1.5 MB at 64 KB / 10 ms: a few seconds
+    page = alice.predict("flux1-dev-q8_0", "", api_name="/download")
     assert not _errors(page) and 'data-state="running"' in page, page
-    bob.predict(api_name="/stop_download")
+    page = bob.predict(api_name="/stop_download")
+    assert 'data-state="running" data-mine="0"' in page and "cancelling" not in page, page
     page = _wait_mine(alice, "download")
     assert re.search(r'data-state="done" data-mine="1"><b>#\d+ download flux1-dev-Q8_0.gguf', page), page
     assert (site["models"] / "Stable-diffusion" / "flux1-dev-Q8_0.gguf").read_bytes() == site["data"]["flux1-dev-q8_0"]
@@ -205,7 +209,7 @@ def test_visitors_see_only_titles_of_other_visitors_jobs_and_cannot_stop_them(si
     table, plot = alice.predict(api_name="/show_compare")
     assert "<td>Q8_0</td>" in table and plot and Path(plot).stat().st_size > 1000
     nothing, no_plot = bob.predict(api_name="/show_compare")
-    assert "<td>Q8_0</td>" not in str(nothing) and not no_plot
+    assert "<td>Q8_0</td>" not in str(nothing) and not isinstance(no_plot, str)   # nothing of Alice's: no update
 
     # Alice can stop her own download; it resumes later
     page = alice.predict("flux1-dev-q6_k", "", api_name="/download")
@@ -239,16 +243,29 @@ def _states(page: str) -> list[str]:
     return re.findall(r'data-state="(\w+)"', page)
 
 
+def _peak_rss(pid: int, reset: bool = False) -> int | None:
+    """The kernel's high-water mark of the process's resident memory (VmHWM), exact whatever the sampling; with
+    ``reset`` it starts over (``clear_refs`` 5). None where /proc does not offer it."""
+    try:
+        if reset:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
+    return int(match.group(1)) * 1024 if match else None
+
+
 class _Monitor(threading.Thread):
-    """Samples, every ~0.1 s from its own visitor: the jobs each kind shows as running, the server's RSS, and
-    whether the server still answers a plan request (the slowest round-trip is kept)."""
+    """Samples, every ~0.2 s from its own visitor: the most jobs of each kind shown running and waiting, the
+    server's RSS, and whether the server still answers a plan request (the slowest round-trip is kept)."""
 
     def __init__(self, url: str, pid: int) -> None:
         super().__init__(daemon=True)
         self.visitor = _visitor(url)
         self.process = psutil.Process(pid)
         self.stop = threading.Event()
-        self.running: dict[str, int] = {kind: 0 for kind in jobs.DEFAULT_LIMITS}
+        self.most: dict[tuple[str, str], int] = {}
         self.peak_rss = 0
         self.answers = 0
         self.slowest = 0.0
@@ -259,20 +276,20 @@ class _Monitor(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             self.peak_rss = max(self.peak_rss, self.rss())
-            for kind in self.running:
+            for kind in jobs.DEFAULT_LIMITS:
                 shown = _states(self.visitor.predict(api_name=f"/watch_{kind}"))
-                self.running[kind] = max(self.running[kind], shown.count("running"))
+                for state in (jobs.RUNNING, jobs.WAITING):
+                    self.most[kind, state] = max(self.most.get((kind, state), 0), shown.count(state))
             if self.answers % 5 == 0:
                 started = time.monotonic()
                 self.visitor.predict("", 8, 32, "1024x1024", "dev", api_name="/plan")
                 self.slowest = max(self.slowest, time.monotonic() - started)
             self.answers += 1
-            self.stop.wait(0.1)
+            self.stop.wait(0.2)
 
 
-def _fire(url: str, requests: list[tuple[str, tuple]]) -> list[str]:
+def _fire(visitors: list, requests: list[tuple[str, tuple]]) -> list[str]:
     """Each request from its own visitor, all at once."""
-    visitors = [_visitor(url) for _ in requests]
     answers: list[str] = [""] * len(requests)
     barrier = threading.Barrier(len(requests))
 
@@ -299,49 +316,63 @@ def _wait_idle(url: str, timeout: float = 600) -> None:
 
 
 def test_a_flood_of_parallel_jobs_stays_within_the_limits(tmp_path):
+    """12 comparisons, 12 conversions and 12 downloads requested at once by 36 visitors."""
     models = tmp_path / "models"
     folder = models / "Stable-diffusion"
     for sub in (folder, models / "text_encoder", models / "VAE"):
         sub.mkdir(parents=True)
-    _tiny_flux(folder / "tiny-flux-dev-bf16.safetensors", depth=3)
+    _tiny_flux(folder / "tiny-flux-dev-bf16.safetensors")
     keys = [e.key for e in catalog.CATALOG][:12]
-    with FakeHub(chunk=64 * 1024, delay=0.005) as hub:
+    with FakeHub(chunk=16 * 1024, delay=0.05) as hub:   # ~6 s per download: they outlast the flood
         data = {}
         for entry in catalog.CATALOG:
             data[entry.key] = hashlib.shake_256(entry.key.encode()).digest(2_000_000)
             hub.add(entry.repo, entry.filename, data[entry.key])
-        with running_app(models, app_env(hub.url), tmp_path / "app.log") as (url, process):
-            compare = ("/compare", (SOURCE, "Q8_0,Q4_0"))
+        # smaller lines than the defaults keep the test short; FLUXQ_JOB_LIMITS is how a server admin sets them
+        env = app_env(hub.url, FLUXQ_JOB_LIMITS="compare=1:1,convert=1:1,download=2:2")
+        with running_app(models, env, tmp_path / "app.log") as (url, process):
+            compare = ("/compare", (SOURCE, "Q8_0"))
             convert = [("/convert", (SOURCE, "Q8_0", "default", f"out-{i}", False)) for i in range(12)]
             download = [("/download", (key, "")) for key in keys]
-            # one of each kind at a time (as the limits allow at most) sets the memory a server needs
+            visitors = [_visitor(url) for _ in range(36)]   # 36 sessions, joined before the jobs
             monitor = _Monitor(url, process.pid)
             monitor.start()
-            _fire(url, [compare, convert[0], download[0]])
+            started = time.monotonic()
+            idle = _peak_rss(process.pid, reset=True) or monitor.rss()
+            # one job of each kind at a time, as the limits allow at most: the memory the server needs
+            _fire(visitors[:3], [compare, convert[0], download[0]])
             _wait_idle(url)
-            single_peak, idle = monitor.peak_rss, monitor.rss()
+            single_peak, single_s = _peak_rss(process.pid) or monitor.peak_rss, time.monotonic() - started
+            _peak_rss(process.pid, reset=True)
             monitor.peak_rss = 0
-            answers = _fire(url, [compare] * 12 + convert[1:] + download[1:])
+            answers = _fire(visitors[:34], [compare] * 12 + convert[1:] + download[1:])
             _wait_idle(url)
+            flood_peak = _peak_rss(process.pid) or monitor.peak_rss
             monitor.stop.set()
-            monitor.join(30)
-    limits = jobs.DEFAULT_LIMITS
-    accepted = {"compare": answers[:12], "convert": answers[12:23], "download": answers[23:]}
-    for kind, pages in accepted.items():
-        taken = [p for p in pages if not _errors(p)]
-        busy = [p for p in pages if _errors(p)]
-        assert len(taken) == limits[kind].running + limits[kind].waiting, (kind, [_errors(p) for p in pages])
-        for page in busy:
-            assert _errors(page)[0].startswith("busy: "), page
-        assert monitor.running[kind] <= limits[kind].running, (kind, monitor.running)
-    assert monitor.running["compare"] == 1 and monitor.running["download"] >= 1   # the monitor saw them run
+            monitor.join(60)
+    print(f"\npeak RSS: before any job {idle / 1e6:.0f} MB, one job of each kind {single_peak / 1e6:.0f} MB "
+          f"({single_s:.0f} s), flood {flood_peak / 1e6:.0f} MB ({time.monotonic() - started - single_s:.0f} s); "
+          f"most shown {monitor.most}; slowest plan answer {monitor.slowest:.1f} s over {monitor.answers} polls")
+    limits = jobs.limits_from_env({jobs.LIMITS_ENV: env[jobs.LIMITS_ENV]})
+    pages = {"compare": answers[:12], "convert": answers[12:23], "download": answers[23:]}
+    accepted = {}
+    for kind, answered in pages.items():
+        accepted[kind] = [p for p in answered if not _errors(p)]
+        busy = [_errors(p)[0] for p in answered if _errors(p)]
+        # the line was full: the rest were refused with one line (jobs that end during the flood free places)
+        assert len(accepted[kind]) >= limits[kind].running + limits[kind].waiting, (kind, busy)
+        assert busy and all(b.startswith(f"busy: {limits[kind].running} ") for b in busy), (kind, busy)
+        assert monitor.most[kind, jobs.RUNNING] <= limits[kind].running, (kind, monitor.most)
+        assert monitor.most[kind, jobs.WAITING] <= limits[kind].waiting, (kind, monitor.most)
+    assert monitor.most["compare", jobs.RUNNING] == 1 and monitor.most["download", jobs.RUNNING] == 2, monitor.most
+    assert monitor.most["download", jobs.WAITING] == limits["download"].waiting, monitor.most
+    # every accepted job ran to its end: the waiting ones too
     written = sorted(p.name for p in folder.glob("out-*.gguf"))
-    assert len(written) == 1 + limits["convert"].running + limits["convert"].waiting, written
+    assert len(written) == 1 + len(accepted["convert"]), written
     landed = [e for e in catalog.CATALOG if (models / e.folder / e.filename).exists()]
-    assert len(landed) == 1 + limits["download"].running + limits["download"].waiting
+    assert len(landed) == 1 + len(accepted["download"])
     assert all((models / e.folder / e.filename).read_bytes() == data[e.key] for e in landed)
-    # memory: near one job of each kind (12 comparisons at once would add ~12 of them); the server kept answering
-    print(f"RSS idle {idle / 1e6:.0f} MB, one of each kind {single_peak / 1e6:.0f} MB, flood "
-          f"{monitor.peak_rss / 1e6:.0f} MB; slowest plan answer {monitor.slowest:.1f} s over {monitor.answers} polls")
-    assert monitor.peak_rss - idle <= 1.5 * (single_peak - idle) + 150e6
+    # memory near that of one job of each kind (12 comparisons at once would hold 12 of them), and the server kept
+    # answering throughout
+    assert flood_peak - idle <= 1.5 * (single_peak - idle) + 150e6
     assert monitor.answers > 10 and "Traceback" not in (tmp_path / "app.log").read_text()

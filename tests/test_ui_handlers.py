@@ -11,7 +11,7 @@ import gguf
 import pytest
 import torch
 
-from lib_fluxq import jobs
+from lib_fluxq import families, jobs
 from lib_fluxq.errors import FluxqError
 from lib_fluxq.hardware import Hardware, with_overrides
 from lib_fluxq.ui import handlers
@@ -91,6 +91,19 @@ def test_missing_engine_modules_say_so(monkeypatch):
         handlers.find_convertible(None, "models/Stable-diffusion/x.safetensors")
 
 
+def get_buttons(cell: str) -> dict[str, str]:
+    """The missing parts of a models-table cell -> the catalog key its "Get" button downloads (checked against the
+    family table: the entry provides that part and lands in the part's folder)."""
+    parts = re.search(r'data-parts="([^"]*)"', cell).group(1).split(",")
+    keys = re.findall(r'data-fluxq-download="([^"]+)"', cell)
+    assert len(parts) == len(keys), cell
+    for part, key in zip(parts, keys, strict=True):
+        entry = handlers.catalog.get(key)
+        assert entry.part == part and entry.folder == families.companion(part).folder, (part, key)
+        assert f"Get {families.part_title(part)} ({entry.size_gb:g} GB)" in cell
+    return dict(zip(parts, keys, strict=True))
+
+
 def test_models_table_matches_inspector_and_advisor(models):
     advisor = pytest.importorskip("lib_fluxq.advisor")
     from lib_fluxq import inspect
@@ -106,13 +119,13 @@ def test_models_table_matches_inspector_and_advisor(models):
         if report.status != "ok":
             assert row["family"] == "unreadable" and row["missing parts"] == report.error
             continue
-        assert (row["family"], row["level"]) == (report.family, report.level)
+        assert (row["family"], row["level"]) == (families.FAMILIES[report.family].title, report.level)
         verdict = verdicts[name]
         assert row["verdict"].split()[0] == verdict.verdict.split()[0]
         if verdict.step_s is not None:
             assert row["verdict"].endswith(f"~{verdict.step_s:g} s/it")
         if report.family.startswith("flux-"):   # no text encoder / VAE on disk: all three are to download
-            assert row["missing parts"] == "clip_l, t5xxl, ae (see Get a model)", row
+            assert get_buttons(row["missing parts"]) == {"clip_l": "clip_l", "t5xxl": "t5xxl-fp8", "ae": "ae"}, row
         else:
             assert row["missing parts"] == "-", row
     assert rows["flux1-dev-Q8_0.gguf"]["verdict"] != rows["flux1-dev-Q4_0.gguf"]["verdict"]
@@ -141,8 +154,8 @@ def test_models_table_says_what_the_files_on_disk_pair_with(models, tmp_path):
         assert rows["tiny-flux-dev-bf16.safetensors"] == rows["flux1-dev-Q8_0.gguf"]   # every Flux transformer
         return rows["flux1-dev-Q8_0.gguf"]
 
-    assert missing([clip, sd_vae]) == "t5xxl, ae (see Get a model)"
-    assert missing([clip, sd_vae, ae]) == "t5xxl (see Get a model)"
+    assert get_buttons(missing([clip, sd_vae])) == {"t5xxl": "t5xxl-fp8", "ae": "ae"}
+    assert get_buttons(missing([clip, sd_vae, ae])) == {"t5xxl": "t5xxl-fp8"}
     t5 = tmp_path / "t5xxl_fp8_e4m3fn.safetensors"
     save_file({"encoder.block.0.layer.0.SelfAttention.k.weight": torch.zeros(8, 8, dtype=torch.float8_e4m3fn)}, str(t5))
     assert missing([clip, sd_vae, ae, t5]) == \
@@ -157,7 +170,10 @@ def test_use_this_pairs_modules_by_content(models, tmp_path):
     nothing = handlers.use_plan(checkpoint, [], plan, handlers.advise(plan))
     assert nothing.missing == ["clip_l", "t5xxl", "ae"]
     titles = ", ".join(pairing.PART_TITLES[p] for p in nothing.missing)
-    assert f"Missing: {titles}. Download under Get a model (clip_l, t5xxl-fp8, t5xxl-fp16, ae)" in nothing.message
+    assert f"Missing: {titles}. Download under Get a model (" in nothing.message
+    for part in nothing.missing:   # each part names the catalog entries that provide it, to download on the page
+        assert {"clip_l", "t5xxl-fp8", "ae"} & {e.key for e in handlers.catalog.for_part(part)}
+        assert all(e.key in nothing.message for e in handlers.catalog.for_part(part))
     clip = tmp_path / "clip_l.safetensors"
     save_file({"text_model.encoder.layers.0.layer_norm1.bias": torch.zeros(768)}, str(clip))
     vae = tmp_path / "ae.safetensors"
@@ -373,8 +389,8 @@ def test_recommendation_is_plain_first_with_the_numbers_one_click_away_and_no_fl
     for vram, gpu in ((None, ""), (4, ""), (6, ""), (8, ""), (12, "RTX 9999"), (16, "RTX 4060 Ti"), (24, "")):
         plan = handlers.make_plan(cpu_machine(), gpu, vram, None)
         advice = handlers.advise(plan)
-        for requant in (None, True, False):
-            page = handlers.recommendation_html(advice, plan, requant)
+        for mode in (None, "requant", "online", "off"):
+            page = handlers.recommendation_html(advice, plan, mode)
             pages.append(page)
             text = re.sub(r"<[^>]+>", " ", page)
             assert not flag.search(html_unescape(text)), (vram, flag.search(html_unescape(text)))
@@ -385,15 +401,30 @@ def test_recommendation_is_plain_first_with_the_numbers_one_click_away_and_no_fl
             assert advice.gpu_weights_mb.reason.split(";")[0] not in plain   # the why is one click away
             assert str(advice.gpu_weights_mb.numbers["reserve_mb"]) in numbers
             level = advisor.LEVELS[advice.recommended.value]
-            assert "cannot re-quantize" not in page or requant is False
+            assert "cannot re-quantize" not in page or mode == "off"
             if not level.lora_patch:
                 expected = {None: f"LoRA works on {level.name} in Forge with fluxq installed",
-                            True: f"LoRA works on {level.name}: fluxq re-quantizes",
-                            False: "turn on 'GGUF + LoRA: re-quantize every type' in Settings"}[requant]
-                assert expected in html_unescape(page), (requant, page)
+                            "requant": f"LoRA works on {level.name}: fluxq re-quantizes",
+                            "online": f"LoRA works on {level.name}: this WebUI applies it in fp16",
+                            "off": "turn on 'GGUF + LoRA: re-quantize every type' in Settings"}[mode]
+                assert expected in html_unescape(page), (mode, page)
     assert any("LoRA works on" in p for p in pages)   # the plans above include levels Forge alone cannot patch
 
 
 def html_unescape(text: str) -> str:
     import html
     return html.unescape(text)
+
+
+def test_missing_parts_get_the_file_the_free_ram_affords():
+    """T5-XXL: fp8 below the family table's free-RAM threshold, fp16 from it; parts without one: the default."""
+    t5 = families.companion("t5xxl")
+    threshold = t5.full_precision_min_free_ram
+    assert threshold is not None
+    small = handlers.part_download("t5xxl", threshold - 1)
+    full = handlers.part_download("t5xxl", threshold)
+    assert small.part == full.part == "t5xxl"
+    assert small.level.lower() not in handlers.FULL_PRECISION and full.level.lower() in handlers.FULL_PRECISION
+    assert handlers.part_download("ae").filename == families.companion("ae").downloads[0].path
+    cell = handlers.missing_cell(["t5xxl", "ae"], threshold)
+    assert get_buttons(cell) == {"t5xxl": full.key, "ae": handlers.catalog.for_part("ae")[0].key}

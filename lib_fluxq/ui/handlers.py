@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from lib_fluxq import catalog, jobs
+from lib_fluxq import catalog, families, jobs
 from lib_fluxq.errors import FluxqError
 from lib_fluxq.hardware import GIB, Hardware, detect, with_overrides
 from lib_fluxq.ui.listing import ListedFile, Listing, RefusedPath
@@ -32,7 +32,9 @@ MODEL_COLUMNS = ["file", "folder", "family", "level", "size", "components", "ver
 CATALOG_COLUMNS = ["key", "file", "what", "size", "licence", "folder", "repository"]
 COMPARE_COLUMNS = ["level", "bits/w", "Flux-dev GB", "weight rRMSE", "block rel.err", "block cos", "dequant M/s"]
 CONVERTIBLE_LEVELS = ("F32", "F16", "BF16", "FP8 e4m3fn", "FP8 e5m2")
-TRANSFORMER_FAMILIES = ("flux-dev", "flux-schnell")
+# Families whose transformer "Use this", Convert and Compare work with (the family table's diffusion transformers)
+TRANSFORMER_FAMILIES = tuple(key for key, fam in families.FAMILIES.items() if fam.arch != "sd")
+DEFAULT_MODEL = "flux-dev"
 SYNTHETIC = "(synthetic slice)"
 MAX_TEXT = 200   # longest free text (levels, output name) the tab accepts
 SHOWN_JOBS = 6   # finished jobs listed per section, after every running or waiting one
@@ -84,11 +86,23 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} KB"
 
 
-def table_html(columns: list[str], rows: list[list[str]], elem_class: str = "fluxq-table") -> str:
+class Markup(str):
+    """A table cell this module built as HTML from escaped parts (a download button); every other cell is text."""
+
+
+def _cell(value: Any) -> str:
+    return value if isinstance(value, Markup) else html.escape(str(value))
+
+
+def table_html(columns: list[str], rows: list[list[Any]], elem_class: str = "fluxq-table",
+               wrap: Collection[str] = ()) -> str:
     """A plain HTML table that scrolls sideways on a narrow screen (gradio's Dataframe virtualizes rows and leaves
-    off-screen ones blank). Every cell is text, never HTML."""
+    off-screen ones blank). Cells stay on one line, except those of the ``wrap`` columns (long text). Every cell is
+    text (file names and metadata never render as HTML), except Markup."""
+    long = [c in wrap for c in columns]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td{' class=fluxq-long' if long[i] else ''}>{_cell(v)}</td>"
+                                    for i, v in enumerate(row)) + "</tr>" for row in rows)
     return (f'<div class="fluxq-scroll"><table class="{elem_class}"><thead><tr>{head}</tr></thead>'
             f'<tbody>{body}</tbody></table></div>')
 
@@ -102,7 +116,7 @@ class Plan:
     hardware: Hardware
     width: int = 1024
     height: int = 1024
-    model: str = "dev"
+    model: str = DEFAULT_MODEL      # a family the advisor plans for (families.py key)
     overridden: list[str] = field(default_factory=list)
 
 
@@ -148,8 +162,24 @@ def _number(value: Any, what: str) -> float | None:
         raise FluxqError(f"{what}: give a number of GB") from None
 
 
+def model_choices() -> list[tuple[str, str]]:
+    """(title, family key) of every family the advisor plans for, FLUX.1 dev first."""
+    advisor = optional("lib_fluxq.advisor")
+    planned = advisor.planned_families() if advisor is not None and hasattr(advisor, "planned_families") else []
+    return [(fam.title, fam.key) for fam in planned] or [(families.FAMILIES[DEFAULT_MODEL].title, DEFAULT_MODEL)]
+
+
+def family_title(key: str | None) -> str:
+    """A family or companion key in words ("flux-dev" -> "FLUX.1 [dev]"); unknown keys as they are."""
+    if key in families.FAMILIES:
+        return families.FAMILIES[key].title
+    if key in families.COMPANIONS:
+        return families.COMPANIONS[key].title
+    return key or "-"
+
+
 def make_plan(detected: Hardware, gpu_name: str | None, vram_gb: float | None, ram_gb: float | None,
-              size: str = "1024x1024", model: str = "dev") -> Plan:
+              size: str = "1024x1024", model: str = DEFAULT_MODEL) -> Plan:
     """The machine to plan for: a field left as detected (or empty) is not an override."""
     det_gpu, det_vram, det_ram = machine_fields(detected)
     gpu = str(gpu_name or "").strip()[:80] or None
@@ -157,8 +187,8 @@ def make_plan(detected: Hardware, gpu_name: str | None, vram_gb: float | None, r
     vram_gb, ram_gb = _number(vram_gb, "VRAM"), _number(ram_gb, "RAM")
     vram = None if vram_gb is None or (det_vram is not None and abs(vram_gb - det_vram) < 0.05) else vram_gb
     ram = None if ram_gb is None or (det_ram is not None and abs(ram_gb - det_ram) < 0.05) else ram_gb
-    if model not in ("dev", "schnell"):
-        raise FluxqError("choose FLUX.1 dev or schnell")
+    if model not in {key for _, key in model_choices()}:
+        raise FluxqError("choose a model family from the list")
     try:
         hardware = with_overrides(detected, vram_gb=vram, ram_gb=ram, gpu_name=gpu)
     except FluxqError as exc:
@@ -203,32 +233,36 @@ def preset_buttons(sizes: list[tuple[int, int]], label: str = "Send size to txt2
             '<span class="fluxq-size-status fluxq-small"></span></div>')
 
 
-def lora_note(advice: Any, lora_requant: bool | None) -> str | None:
-    """What LoRA does on the recommended level, as the installed hook has it (None: nothing to say).
+def lora_note(advice: Any, lora_mode: str | None) -> str | None:
+    """What LoRA does on the recommended level with the hook as installed (None: nothing to say).
 
-    ``lora_requant``: the host's answer (True: fluxq's hook re-quantizes LoRA-merged weights of every GGUF type;
-    False: it is off in Settings; None: no WebUI here, so the plan is for Forge with fluxq installed, hook on)."""
+    ``lora_mode`` is the host's answer (``host.lora_on_gguf()``): "requant" (fluxq re-quantizes LoRA-merged weights
+    of every GGUF type), "online" (the WebUI applies LoRA in fp16 at every step), "off" (the WebUI merges and fluxq's
+    re-quantization is off), "none" (no Flux loader); None: no WebUI here, the plan is for one with fluxq installed."""
     advisor = optional("lib_fluxq.advisor")
     level = getattr(advice.recommended, "value", None)
     spec = getattr(advisor, "LEVELS", {}).get(level) if advisor is not None else None
-    if spec is None or getattr(spec, "lora_patch", True):
-        return None   # Forge itself re-quantizes it (Q8_0, Q5_0, Q4_0) or it is not a GGUF level
-    if lora_requant is False:
+    if spec is None or getattr(spec, "lora_patch", True) or lora_mode == "none":
+        return None   # Forge itself re-quantizes it (Q8_0, Q5_0, Q4_0), or not a level LoRA is merged into
+    if lora_mode == "off":
         return (f"LoRA on {level}: Forge alone cannot re-quantize it and fluxq's re-quantization is off; turn on "
                 f"'GGUF + LoRA: re-quantize every type' in Settings → fluxq, or set Diffusion in Low Bits to "
                 f"'Automatic (fp16 LoRA)'")
-    where = "" if lora_requant else " in Forge with fluxq installed"
+    if lora_mode == "online":
+        return f"LoRA works on {level}: this WebUI applies it in fp16 at every step"
+    where = "" if lora_mode == "requant" else " in Forge with fluxq installed"
     return f"LoRA works on {level}{where}: fluxq re-quantizes the LoRA-merged weights (Forge alone cannot)"
 
 
-def recommendation_html(advice: Any | None, plan: Plan, lora_requant: bool | None = None) -> str:
+def recommendation_html(advice: Any | None, plan: Plan, lora_mode: str | None = None) -> str:
     """The plan in plain words first (summary, one value per setting, warnings), the reasons and the advisor's
     numbers one click away."""
     if advice is None:
         return not_available("The recommendation", "lib_fluxq.advisor")
     planned = f" (planning for {', '.join(plan.overridden)} as entered)" if plan.overridden else ""
     parts = [f'<div class="fluxq-summary" id="fluxq_summary">{html.escape(advice.summary)}</div>',
-             f'<div class="fluxq-small">FLUX.1-{html.escape(plan.model)} on {html.escape(advice.gpu or "no GPU")}'
+             f'<div class="fluxq-small">{html.escape(family_title(plan.model))} on '
+             f'{html.escape(advice.gpu or "no GPU")}'
              f' · VRAM {advice.vram_gb or 0:g} GB · RAM {advice.ram_gb or 0:g} GB{html.escape(planned)}</div>']
     if advice.recommended.value is None:
         parts.append(f'<div class="fluxq-note">{html.escape(ui_text(advice.recommended.reason))}</div>')
@@ -251,12 +285,12 @@ def recommendation_html(advice: Any | None, plan: Plan, lora_requant: bool | Non
     fitting = [(r["width"], r["height"]) for r in advice.resolutions if r.get("fit") in ("resident", "near-resident")]
     parts.append(preset_buttons([(advice.width, advice.height)] + [s for s in fitting
                                                                     if s != (advice.width, advice.height)]))
-    note = lora_note(advice, lora_requant)
+    note = lora_note(advice, lora_mode)
     warnings = [w for w in advice.warnings if not w.startswith("LoRA:")]   # replaced by the hook-aware note
-    if note is not None and lora_requant is False:
+    if note is not None and lora_mode == "off":
         warnings.insert(0, note)
     parts.extend(f'<div class="fluxq-note">{html.escape(ui_text(w))}</div>' for w in warnings)
-    if note is not None and lora_requant is not False:
+    if note is not None and lora_mode != "off":
         parts.append(f'<div class="fluxq-small fluxq-lora">{html.escape(note)}</div>')
     parts.append(f'<details class="fluxq-numbers"><summary>Why, and the numbers</summary><div class="fluxq-scroll">'
                  f'<table class="fluxq-advice">{"".join(detail)}</table></div></details>')
@@ -319,17 +353,52 @@ def plan_ram(plan: Plan) -> int:
     return plan.hardware.ram_available or plan.hardware.ram_total or 0
 
 
-def _missing_text(report: Any, pairing: ModuleType | None, available: list[Any], ram: int) -> str:
-    """A Flux transformer's "missing parts": what neither the file nor a text-encoder / VAE file on disk provides
-    (the same pairing "Use this" and the load hook do), or which files it will be paired with."""
+def download_button(entry: catalog.CatalogEntry, title: str | None = None) -> str:
+    """A button fluxq.js turns into a download of catalog entry ``entry`` (the same event as Get a model's)."""
+    label = f"Get {title or entry.title} ({entry.size_gb:g} GB)"
+    where = f"{entry.repo}/{entry.filename} into {entry.folder}"
+    return (f'<button type="button" class="fluxq-get" data-fluxq-download="{html.escape(entry.key)}" '
+            f'title="{html.escape(where)}">{html.escape(label)}</button>')
+
+
+FULL_PRECISION = ("fp32", "fp16", "bf16")
+
+
+def part_download(part: str, free_ram: int = 0) -> catalog.CatalogEntry | None:
+    """The file to get for a missing ``part``: the family table's default, or its full-precision file where the
+    table says this much free RAM affords it (T5-XXL fp16 from 32 GB)."""
+    entries = catalog.for_part(part)
+    comp = families.COMPANIONS.get(part)
+    threshold = getattr(comp, "full_precision_min_free_ram", None)
+    if threshold is not None:
+        full = [e for e in entries if (e.level or "").lower() in FULL_PRECISION]
+        small = [e for e in entries if e not in full]
+        entries = full + small if free_ram >= threshold else small + full
+    return entries[0] if entries else None
+
+
+def missing_cell(parts: list[str], free_ram: int = 0) -> Markup:
+    """The parts a checkpoint lacks, each with a button that downloads its file from the catalog."""
+    items = []
+    for part in parts:
+        entry = part_download(part, free_ram)
+        title = families.part_title(part)
+        items.append(download_button(entry, title) if entry else html.escape(title))
+    return Markup(f'<div class="fluxq-missing" data-parts="{html.escape(",".join(parts))}">{"".join(items)}</div>')
+
+
+def _missing(report: Any, pairing: ModuleType | None, available: list[Any], ram: int) -> str | Markup:
+    """A transformer's "missing parts": what neither the file nor a text-encoder / VAE file on disk provides (the
+    same pairing "Use this" and the load hook do), with a download button per part, or the files it pairs with."""
     if pairing is None:   # no pairing in this install: what the file itself lacks
-        return ", ".join(p for p in report.missing_for_flux if p != "transformer") or "-"
+        lacking = [p for p in report.missing_for_flux if p != "transformer"]
+        return missing_cell(lacking, ram) if lacking else "-"
     try:
         chosen = pairing.choose_pairing(pairing.describe_file(report.path), [], available, ram)
     except (FluxqError, OSError):
         return "? (the file could not be read again)"
     if chosen.missing:
-        return ", ".join(chosen.missing) + " (see Get a model)"
+        return missing_cell(list(chosen.missing), ram)
     if chosen.added:
         return "none: pairs with " + ", ".join(os.path.basename(path) for path in chosen.added.values())
     return "none"
@@ -349,7 +418,7 @@ def module_files(host: Any, listing: Listing | None) -> list[str]:
     return files if listing is None else [f for f in files if listing.inside(f)]
 
 
-def model_rows(inv: Inventory, module_paths: list[str] | None = None, ram: int = 0) -> list[list[str]]:
+def model_rows(inv: Inventory, module_paths: list[str] | None = None, ram: int = 0) -> list[list[Any]]:
     """One table row per file, readable ones first. ``module_paths``: the text-encoder / VAE files Forge can pair
     (``module_files``); ``ram``: free RAM in bytes, which picks the T5 precision as "Use this" does."""
     pairing = optional("lib_fluxq.pairing")
@@ -364,8 +433,8 @@ def model_rows(inv: Inventory, module_paths: list[str] | None = None, ram: int =
             rows.append([entry.name, r.folder or "-", r.status, "-", _size(r.file_size), "-", "-",
                          ui_text(r.error or "")])
         else:
-            missing = _missing_text(r, pairing, available, ram) if r.family in TRANSFORMER_FAMILIES else "-"
-            rows.append([entry.name, r.folder or "-", r.family, r.level or "-", _size(r.file_size),
+            missing = _missing(r, pairing, available, ram) if r.family in TRANSFORMER_FAMILIES else "-"
+            rows.append([entry.name, r.folder or "-", family_title(r.family), r.level or "-", _size(r.file_size),
                          ", ".join(r.components) or "-", verdict_text(inv.verdicts.get(entry.name)), missing])
     return rows
 
@@ -388,7 +457,7 @@ def convertible_choices(inv: Inventory | None) -> list[str]:
 def find_checkpoint(listing: Listing | None, label: Any) -> ListedFile:
     if listing is None:
         raise FluxqError("listing model files needs lib_fluxq.inspect, which is not available yet")
-    return listing.find(label, is_transformer, "a Flux transformer (FLUX.1 dev / schnell)")
+    return listing.find(label, is_transformer, "a Flux-family transformer (FLUX.1, Chroma, FLUX.2)")
 
 
 def find_convertible(listing: Listing | None, label: Any) -> ListedFile:
@@ -440,6 +509,18 @@ def use_plan(checkpoint: str, module_paths: list[str], plan: Plan, advice: Any |
 
 
 # ------------------------------------------------------------------------------------------------- get a model
+
+def catalog_choices() -> list[tuple[str, str]]:
+    """(label, key) for the download list: what the file is, its name and size; the key is what the server checks."""
+    return [(f"{e.title} — {e.basename} ({e.size_gb:g} GB)", e.key) for e in catalog.CATALOG]
+
+
+def catalog_html() -> str:
+    """The catalog table, one click away (it lists every family's files)."""
+    return (f'<details class="fluxq-catalog"><summary>Browse the catalog ({len(catalog.CATALOG)} files: '
+            f'transformers, text encoders, VAEs — repository, size, licence, folder)</summary>'
+            f'{table_html(CATALOG_COLUMNS, catalog_rows(), wrap=("what",))}</details>')
+
 
 def catalog_rows() -> list[list[str]]:
     return [[e.key, e.filename, e.title + (f" — {e.note}" if e.note else ""),
@@ -670,7 +751,7 @@ def jobs_html(runner: jobs.JobRunner, kind: str | None = None, mine: Collection[
         bar = (f'<progress max="1" value="{fraction:.4f}"></progress> {fraction * 100:.0f}%' if fraction is not None
                else '<progress></progress>')
         own = job.id in mine
-        text = (job.result if not job.active and job.result else job.text) if own else "(another visitor's job)"
+        text = (job.result if not job.active and job.result else job.text) if own else "(started by another visitor)"
         state = "cancelling" if job.active and job.cancel.is_set() else job.state
         items.append(f'<div class="fluxq-job fluxq-job-{job.state}" data-job="{job.id}" data-state="{job.state}" '
                      f'data-mine="{int(own)}"><b>#{job.id} {html.escape(job.title)}</b> '

@@ -80,10 +80,9 @@ class TabBuilder:
         self.rescan_after: dict[str, Any] = {}   # job events whose end refreshes the page (wire_plan)
 
     # ------------------------------------------------------------------------------------------ the plan, shared
-    def lora_requant(self) -> bool | None:
-        """Whether the installed hook re-quantizes LoRA-merged GGUF weights (None: no WebUI here)."""
-        probe = getattr(self.host, "lora_requant_active", None)
-        return probe() if callable(probe) else None
+    def lora_mode(self) -> str | None:
+        """How LoRA reaches GGUF weights with the hook as installed (ui.host: None in the standalone app)."""
+        return self.host.lora_on_gguf()
 
     def compute(self, gpu: str, vram: float | None, ram: float | None, size: str, model: str) -> dict[str, Any]:
         plan = handlers.make_plan(self.detected, gpu, vram, ram, size, model)
@@ -111,8 +110,8 @@ class TabBuilder:
                     f'{"; " + html.escape(inventory.note) if inventory.note else ""}</div>')
         transformers = handlers.transformer_choices(inventory)
         sources = handlers.convertible_choices(inventory)
-        return (handlers.recommendation_html(state["advice"], state["plan"], self.lora_requant()),
-                handlers.table_html(handlers.MODEL_COLUMNS, rows), note,
+        return (handlers.recommendation_html(state["advice"], state["plan"], self.lora_mode()),
+                handlers.table_html(handlers.MODEL_COLUMNS, rows, wrap=("missing parts",)), note,
                 _update(choices=transformers, value=transformers[0] if transformers else None),
                 _update(choices=sources, value=sources[0] if sources else None),
                 _update(choices=[handlers.SYNTHETIC] + sources))
@@ -179,8 +178,8 @@ class TabBuilder:
                 with gr.Row():
                     self.size = _dropdown(list(handlers.SIZE_PRESETS), label="Target size", elem_id="fluxq_size",
                                           min_width=120)
-                    self.model = gr.Radio(["dev", "schnell"], value="dev", label="FLUX.1", elem_id="fluxq_model",
-                                          min_width=120)
+                    self.model = gr.Dropdown(choices=handlers.model_choices(), value=handlers.DEFAULT_MODEL,
+                                             label="Model", elem_id="fluxq_model", min_width=160)
                 with gr.Row():
                     self.plan_button = gr.Button("Plan", variant="primary", elem_id="fluxq_plan", min_width=100)
                     self.reset_button = gr.Button("Use detected values", elem_id="fluxq_reset", min_width=100)
@@ -225,24 +224,34 @@ class TabBuilder:
             message = self.host.apply(chosen.checkpoint, chosen.modules, chosen.gpu_weights_mb)
         except FluxqError as exc:
             return handlers.error_html(exc), "", ""
-        body = "<br>".join(html.escape(line) for line in chosen.message.splitlines())
+        runs = getattr(chosen_file.report, "runs_on", None) or {}
+        lines = chosen.message.splitlines()
+        if runs:   # the family table's word on which WebUI runs this family in this format
+            lines.insert(1, f"{handlers.family_title(chosen_file.report.family)} runs in: "
+                            + "; ".join(f"{host}: {text}" for host, text in runs.items()))
+        body = "<br>".join(html.escape(line) for line in lines)
         gpu = self.host.applied_gpu_weights_mb(chosen.gpu_weights_mb)
-        return (f'<div class="fluxq-note">{body}</div><div class="fluxq-note">{html.escape(message)}'
+        get = handlers.missing_cell(chosen.missing, handlers.plan_ram(state["plan"])) if chosen.missing else ""
+        return (f'<div class="fluxq-note">{body}{get}</div><div class="fluxq-note">{html.escape(message)}'
                 f'</div>{handlers.preset_buttons([(chosen.width, chosen.height)])}',
                 f"{chosen.width}x{chosen.height}", "" if gpu is None else str(gpu))
 
     def download_section(self) -> None:
         with _section("Get a model"):
-            gr.HTML(handlers.table_html(handlers.CATALOG_COLUMNS, handlers.catalog_rows()), elem_id="fluxq_catalog")
             with gr.Row():
-                key = _dropdown([e.key for e in catalog.CATALOG], label="File", elem_id="fluxq_dl_key",
-                                min_width=160)
+                key = gr.Dropdown(choices=handlers.catalog_choices(), value=catalog.CATALOG[0].key, label="File",
+                                  elem_id="fluxq_dl_key", scale=2, min_width=200)
                 token = gr.Textbox(label="Hugging Face token (only for gated repositories; empty: none is sent)",
-                                   type="password", elem_id="fluxq_token", min_width=200)
+                                   type="password", elem_id="fluxq_token", scale=1, min_width=200)
+            gr.HTML(handlers.catalog_html(), elem_id="fluxq_catalog")
             with gr.Row():
                 button = gr.Button("Download", variant="primary", elem_id="fluxq_dl_btn", min_width=100)
                 stop = gr.Button("Stop (resumes later)", elem_id="fluxq_dl_cancel", min_width=100)
             jobs_view = gr.HTML(handlers.jobs_html(self.runner, "download"), elem_id="fluxq_dl_jobs")
+            # the "Get ..." buttons next to a model's missing parts (fluxq.js): the key goes here, then the click
+            with gr.Row(elem_classes=["fluxq-offscreen"]):
+                part_key = gr.Textbox(elem_id="fluxq_part_key", show_label=False, container=False)
+                part_button = gr.Button("Get part", elem_id="fluxq_part_btn")
 
         def start(key_value: Any, secret: Any) -> jobs.Job:
             return handlers.start_download(self.runner, key_value, self.host.folders(), secret,
@@ -252,6 +261,11 @@ class TabBuilder:
             self.starter("download", start), inputs=[key, token, self.mine], outputs=[jobs_view, self.mine],
             api_name="download").then(
             self.watcher("download"), inputs=[self.mine], outputs=[jobs_view], api_name="watch_download",
+            **_poll_kwargs())
+        self.rescan_after["download_part"] = part_button.click(
+            self.starter("download", start), inputs=[part_key, token, self.mine], outputs=[jobs_view, self.mine],
+            api_name="download_part").then(
+            self.watcher("download"), inputs=[self.mine], outputs=[jobs_view], api_name="watch_download_part",
             **_poll_kwargs())
         stop.click(self.canceller("download"), inputs=[self.mine], outputs=[jobs_view], api_name="stop_download")
 
@@ -350,7 +364,7 @@ class TabBuilder:
             self.refresh, inputs=self.plan_inputs, outputs=self.plan_outputs, api_name="plan_detected")
 
     def build(self) -> gr.Blocks:
-        initial = self.refresh(*self.fields0, handlers.SIZE_PRESETS[0], "dev")
+        initial = self.refresh(*self.fields0, handlers.SIZE_PRESETS[0], handlers.DEFAULT_MODEL)
         values = [u["value"] if isinstance(u, dict) and "value" in u else u for u in initial]
         choices = [u.get("choices", []) if isinstance(u, dict) else [] for u in initial]
         with gr.Blocks(analytics_enabled=False) as tab, gr.Column(elem_id="fluxq_root"):
