@@ -27,6 +27,7 @@ test: .venv-test/.ready chromium
 
 bench: .venv-test/.ready
 	.venv-test/bin/python bench/dequant.py
+	.venv-test/bin/python bench/forward.py
 	.venv-test/bin/python bench/quantize.py
 
 # Debian's chromium for the real-browser UI test (Playwright drives /usr/bin/chromium; it downloads no browser).

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,23 +111,3 @@ class YoloDetector:
 def make_detector(model_path: str = "") -> Callable[[Image.Image | np.ndarray], list[Face]]:
     """YOLO when a model file is given, else OpenCV's bundled Haar cascade."""
     return YoloDetector(model_path) if model_path else CascadeDetector()
-
-
-def iou(a: Box, b: Box) -> float:
-    ix = max(0, min(a.right, b.right) - max(a.x, b.x))
-    iy = max(0, min(a.bottom, b.bottom) - max(a.y, b.y))
-    inter = ix * iy
-    union = a.w * a.h + b.w * b.h - inter
-    return inter / union if union > 0 else 0.0
-
-
-def match_detections(found: Sequence[Box], truth: Sequence[Box], min_iou: float = 0.3) -> tuple[int, int, int]:
-    """Greedy one-to-one matching → (true positives, false positives, false negatives)."""
-    unmatched = list(truth)
-    true_pos = 0
-    for box in found:
-        best = max(unmatched, key=lambda t: iou(box, t), default=None)
-        if best is not None and iou(box, best) >= min_iou:
-            unmatched.remove(best)
-            true_pos += 1
-    return true_pos, len(found) - true_pos, len(unmatched)

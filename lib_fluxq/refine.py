@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
@@ -35,12 +35,13 @@ class Family:
     native_side: int  # sqrt of the training area: 512² for SD1.5, 1024² for SDXL
     cfg: float
     tile_overlap: int  # px of overlap between tiles; also the feather width
+    header_family: str  # the key of this family in lib_fluxq.families' table (what the classifier answers)
     latent_channels: int = 4
 
 
 FAMILIES: dict[str, Family] = {
-    "sd15": Family("sd15", "SD1.5", native_side=512, cfg=7.5, tile_overlap=64),
-    "sdxl": Family("sdxl", "SDXL", native_side=1024, cfg=5.0, tile_overlap=128),
+    "sd15": Family("sd15", "SD1.5", native_side=512, cfg=7.5, tile_overlap=64, header_family="sd15"),
+    "sdxl": Family("sdxl", "SDXL", native_side=1024, cfg=5.0, tile_overlap=128, header_family="sdxl"),
 }
 
 SIZE_MULTIPLE = 8  # VAE downscale factor of SD1.5/SDXL: pixel sizes must be multiples of 8
@@ -413,40 +414,34 @@ def settings_json(settings: RefineSettings) -> str:
 # The plan
 
 
-def guess_family_from_keys(keys: Iterable[str], source: str = "<checkpoint>") -> str:
-    """SD1.5 vs SDXL from state-dict key names (what A1111/Forge themselves look for); Flux is refused."""
-    has_sdxl = has_sd15 = has_flux = False
-    for key in keys:
-        # SDXL: the second (OpenCLIP bigG) text encoder, or the UNet's size/crop conditioning embedding
-        if key.startswith("conditioner.embedders.1.") or "label_emb." in key or "add_embedding" in key:
-            has_sdxl = True
-        elif key.startswith("cond_stage_model.transformer."):
-            has_sd15 = True
-        elif "double_blocks.0.img_attn" in key:
-            has_flux = True
-    if has_flux:
-        raise RefineError(f"{source}: is a Flux model; the refine pass needs an SD1.5 or SDXL checkpoint "
-                          "(Flux latents have 16 channels, SD has 4)")
-    if has_sdxl:
-        return "sdxl"
-    if has_sd15:
-        return "sd15"
-    raise RefineError(f"{source}: cannot tell SD1.5 from SDXL by its keys; set the refine family explicitly")
+# Files whose content cannot be checked without unpickling them (no header to read): offered, and the family must then
+# be set explicitly. Everything else is classified from its header by the one classifier (lib_fluxq.families' table,
+# through lib_fluxq.pairing), the one the loader hook uses too.
+UNCHECKABLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_HEADER_TO_FAMILY = {family.header_family: family.name for family in FAMILIES.values()}
 
 
-def read_safetensors_keys(path: str | os.PathLike[str]) -> list[str]:
-    """Tensor names from a .safetensors header (8-byte length + JSON), without reading any tensor data."""
-    from lib_fluxq.errors import FormatError
+def checkpoint_family(path: str | os.PathLike[str]) -> str | None:
+    """The refine family (``sd15`` / ``sdxl``) of a checkpoint from its header (milliseconds even for a 12 GB
+    file), None when the file has no readable header (.ckpt …). Anything else (Flux, SD3, a text encoder, a damaged
+    file) is a RefineError saying what the file is."""
+    from lib_fluxq import families
+    from lib_fluxq.pairing import describe_file
 
+    path = os.fspath(path)
+    if path.lower().endswith(UNCHECKABLE_SUFFIXES):
+        return None
     try:
-        with open(path, "rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            if size <= 0 or size > 100 * 1024 * 1024:
-                raise FormatError(path, f"header length {size} is not plausible", fix="is this a .safetensors file?")
-            header = json.loads(handle.read(size))
-    except (OSError, ValueError) as exc:
-        raise FormatError(path, f"cannot read the safetensors header: {exc}") from exc
-    return [k for k in header if k != "__metadata__"]
+        found = describe_file(path).family
+    except (FluxqError, OSError) as exc:
+        raise RefineError(f"{path}: cannot read its header ({exc}); pick an SD1.5 or SDXL checkpoint") from None
+    if found in _HEADER_TO_FAMILY:
+        return _HEADER_TO_FAMILY[found]
+    if found is None:
+        raise RefineError(f"{path}: is not a diffusion model; the refine pass needs an SD1.5 or SDXL checkpoint")
+    family = families.family(found)
+    why = f" ({family.latent_channels}-channel latents, SD has 4)" if (family.latent_channels or 4) != 4 else ""
+    raise RefineError(f"{path}: is a {family.title} model; the refine pass needs an SD1.5 or SDXL checkpoint{why}")
 
 
 @dataclass(frozen=True)
@@ -482,6 +477,11 @@ class RefinePlan:
     def tiled(self) -> bool:
         return len(self.tiles) > 0
 
+    @property
+    def passes(self) -> int:
+        """img2img jobs over the whole image: 0 at denoise 0 (upscale and faces only), else the tiles or one."""
+        return 0 if self.denoise <= 0 else len(self.tiles) or 1
+
     def resolved(self) -> dict[str, object]:
         """Values the plan decided for 'auto' settings, for the infotext."""
         return {"family": self.family.name, "cfg": self.cfg, "face_size": self.faces.side}
@@ -492,7 +492,7 @@ def make_plan(settings: RefineSettings, source_size: tuple[int, int], family_nam
     family = get_family(family_name)
     width, height = target_size(*source_size, settings.scale)
     tiles: tuple[Box, ...] = ()
-    if wants_tiles(width, height, family, settings.tiles):
+    if settings.denoise > 0 and wants_tiles(width, height, family, settings.tiles):
         side = family.native_side
         tiles = tuple(plan_tiles(width, height, side, side, family.tile_overlap))
     faces = FacePlan(settings.faces and settings.face_max > 0, settings.face_max, settings.face_confidence,
@@ -515,7 +515,10 @@ def run_plan(image: Image.Image, plan: RefinePlan, *, upscale: Callable[[Image.I
     upscaled = upscale(image.convert("RGB"), plan.size)
     if upscaled.size != plan.size:
         upscaled = upscaled.resize(plan.size, Image.Resampling.LANCZOS)
-    if plan.tiled:
+    if plan.passes == 0:
+        # denoise 0 changes nothing but would still round-trip the image through the VAE: skip the job
+        refined = upscaled
+    elif plan.tiled:
         refined = refine_tiled(upscaled, plan.tiles, plan.feather,
                                lambda crop, tile: sample(crop, None, plan.denoise, (tile.w, tile.h)))
     else:

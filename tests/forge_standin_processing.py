@@ -13,21 +13,30 @@ Mirrors lllyasviel/stable-diffusion-webui-forge at commit dfdcbab6 (2025-06-26):
 - modules/api/api.py ``init_script_args``: alwayson args copied over the UI defaults, index by index.
 ``forge=False`` gives A1111 1.10's shape: no modules_forge, no ``forge_additional_modules`` option (setting it raises
 KeyError, as Options.set does there), options restored by setattr. Written from reading those sources, not copied.
-The "sampler" is deterministic: img2img returns the init image resized to the job size; txt2img returns a given
-first-pass image per seed. Every load, unload and job is recorded.
+The "sampler" is deterministic: img2img samples ``sampler(init image resized to the job size, job)`` (default: that
+image unchanged) and, for a masked job, composites the init image back outside the mask exactly as Forge's
+``StableDiffusionProcessingImg2Img.init`` / ``apply_overlay`` do (mask blur by cv2.GaussianBlur, overlay mask =
+mask x 2 clipped, alpha composite); txt2img returns a given first-pass image per seed. Output images carry their own
+infotext in ``info["parameters"]`` as Forge's process_images_inner sets it (``enable_pnginfo``). Every load, unload
+and job is recorded.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
 import sys
 import types
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image
+import cv2
+import numpy as np
+from PIL import Image, ImageOps
 
 STANDIN_OF = "lllyasviel/stable-diffusion-webui-forge@dfdcbab6"
 MODULE_NAMES = ("modules", "modules.scripts", "modules.processing", "modules.shared", "modules.sd_models",
@@ -72,6 +81,22 @@ class Options:
         self.data[key] = value
 
 
+class Model:
+    """A loaded checkpoint (Forge's engine object: it holds the weights, so while it is referenced they stay in RAM)."""
+
+    def __init__(self, sd_checkpoint_info: CheckpointInfo, additional_modules: list[str]) -> None:
+        self.sd_checkpoint_info = sd_checkpoint_info
+        self.additional_modules = additional_modules
+
+
+class Sampler:
+    """sd_samplers_kdiffusion.KDiffusionSampler: ``model_wrap.inner_model = shared.sd_model`` at creation; the job
+    keeps it in ``p.sampler`` until ``p.close()``."""
+
+    def __init__(self, model: Model) -> None:
+        self.model_wrap = types.SimpleNamespace(inner_model=model)
+
+
 class CheckpointInfo:
     def __init__(self, filename: str) -> None:
         self.filename = filename
@@ -84,8 +109,10 @@ class CheckpointInfo:
 
 
 def install(checkpoints: list[str], modules: list[str], current: str, selected_modules: list[str],
-            first_pass: dict[int, Image.Image] | None = None, forge: bool = True) -> Record:
-    """Put the stand-in ``modules`` (and ``modules_forge`` when ``forge``) into sys.modules; returns the record."""
+            first_pass: dict[int, Image.Image] | None = None, forge: bool = True,
+            sampler: Callable[[Image.Image, dict[str, Any]], Image.Image] | None = None) -> Record:
+    """Put the stand-in ``modules`` (and ``modules_forge`` when ``forge``) into sys.modules; returns the record.
+    ``sampler(image, job)`` is the img2img "model": it gets the init image at the job size and the job's record."""
     uninstall()
     record = Record()
     mods = {name: types.ModuleType(name) for name in MODULE_NAMES if forge or not name.startswith("modules_forge")}
@@ -99,7 +126,8 @@ def install(checkpoints: list[str], modules: list[str], current: str, selected_m
     infotext_utils = mods["modules.infotext_utils"]
 
     # ---- shared
-    data = {"sd_model_checkpoint": None, "samples_save": True, "samples_format": "png"}
+    data = {"sd_model_checkpoint": None, "samples_save": True, "samples_format": "png", "enable_pnginfo": True,
+            "overlay_inpaint": True}
     if forge:
         data["forge_additional_modules"] = []
     shared.opts = Options(data, forge)
@@ -129,6 +157,8 @@ def install(checkpoints: list[str], modules: list[str], current: str, selected_m
 
     sd_models.select_checkpoint = select_checkpoint
 
+    loaded: list[tuple[str, weakref.ref]] = []  # every model object ever loaded, to see which are still alive
+
     def forge_model_reload() -> tuple[Any, bool]:
         md = sd_models.model_data
         current_hash = str(md.forge_loading_parameters)
@@ -137,11 +167,16 @@ def install(checkpoints: list[str], modules: list[str], current: str, selected_m
         info = md.forge_loading_parameters["checkpoint_info"]
         if info is None:
             raise ValueError("You do not have any model!")
-        model = types.SimpleNamespace(sd_checkpoint_info=info,
-                                      additional_modules=list(md.forge_loading_parameters.get("additional_modules")
-                                                              or []))
+        if md.sd_model is not None:  # Forge drops its own references and collects before loading the next model
+            md.sd_model = shared.sd_model = None
+            gc.collect()
+        model = Model(sd_checkpoint_info=info,
+                      additional_modules=list(md.forge_loading_parameters.get("additional_modules") or []))
         names = [os.path.basename(m) for m in model.additional_modules]
-        record.loads.append({"checkpoint": info.name, "modules": names})
+        # still_loaded: earlier models something else still references while this one loads (both in RAM)
+        record.loads.append({"checkpoint": info.name, "modules": names,
+                             "still_loaded": [name for name, ref in loaded if ref() is not None]})
+        loaded.append((info.name, weakref.ref(model)))
         md.sd_model, md.forge_hash = model, current_hash
         shared.sd_model = model
         return model, True
@@ -329,8 +364,19 @@ def install(checkpoints: list[str], modules: list[str], current: str, selected_m
             self.override_settings = self.override_settings or {}
             self.styles = self.styles or []
 
-        def close(self):
+        sampler: Any = None
+
+        @property
+        def sd_model(self) -> Any:  # processing.py: a property over shared.sd_model; setting it does nothing
+            return shared.sd_model
+
+        @sd_model.setter
+        def sd_model(self, value: Any) -> None:
             pass
+
+        def close(self):
+            # processing.py close(): what the API / UI call after process_images (modules/api/api.py: closing(p))
+            self.sampler = None
 
     @dataclass(repr=False)
     class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
@@ -361,8 +407,10 @@ def install(checkpoints: list[str], modules: list[str], current: str, selected_m
             self.width, self.height = p.width, p.height
 
     def create_infotext(p, seed):
-        params = {"Steps": p.steps, "CFG scale": p.cfg_scale, "Seed": seed, "Size": f"{p.width}x{p.height}",
-                  **p.extra_generation_params}
+        model = sd_models.model_data.sd_model
+        params = {"Steps": p.steps, "Sampler": p.sampler_name, "CFG scale": p.cfg_scale, "Seed": seed,
+                  "Size": f"{p.width}x{p.height}", "Model": model.sd_checkpoint_info.model_name if model else None,
+                  "Denoising strength": p.denoising_strength, **p.extra_generation_params}
         if forge and shared.opts.forge_additional_modules:
             for i, m in enumerate(shared.opts.forge_additional_modules):
                 params[f"Module {i + 1}"] = os.path.splitext(os.path.basename(m))[0]
@@ -405,25 +453,59 @@ def install(checkpoints: list[str], modules: list[str], current: str, selected_m
                                                          "additional_modules": []}
         forge_model_reload()
 
+    def _masked_result(p, init: Image.Image, sampled: Image.Image) -> Image.Image:
+        """Forge's img2img with a mask, "Inpaint area: Whole picture" (inpaint_full_res=False): blur the mask as
+        ``init`` does, overlay = the init image where the doubled mask is below 255, alpha-composited onto the
+        sampled image (``apply_overlay``). Only that path is what the refine script uses."""
+        assert not p.inpaint_full_res, "the stand-in models only inpaint_full_res=False"
+        mask = p.mask.convert("L")
+        if p.mask_blur > 0:
+            kernel = 2 * int(2.5 * p.mask_blur + 0.5) + 1
+            blurred = cv2.GaussianBlur(np.array(mask), (kernel, 1), p.mask_blur)
+            mask = Image.fromarray(cv2.GaussianBlur(blurred, (1, kernel), p.mask_blur))
+        mask = mask.resize((p.width, p.height), Image.Resampling.LANCZOS)
+        for_overlay = Image.fromarray(np.clip(np.asarray(mask, np.float32) * 2, 0, 255).astype(np.uint8))
+        overlay = Image.new("RGBa", init.size)
+        overlay.paste(init.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(for_overlay))
+        if not shared.opts.overlay_inpaint:
+            return sampled
+        result = sampled.convert("RGBA")
+        result.alpha_composite(overlay.convert("RGBA"))
+        return result.convert("RGB")
+
     def _inner(p):
-        model = sd_models.model_data.sd_model
-        job = {"kind": type(p).__name__, "checkpoint": model.sd_checkpoint_info.name,
-               "modules": [os.path.basename(m) for m in model.additional_modules], "size": (p.width, p.height),
+        # no local reference to the model here: Forge's process_images_inner reaches it only through p.sd_model
+        # (a property over shared.sd_model), so its frame holds nothing while postprocess runs
+        job = {"kind": type(p).__name__, "checkpoint": p.sd_model.sd_checkpoint_info.name,
+               "modules": [os.path.basename(m) for m in p.sd_model.additional_modules], "size": (p.width, p.height),
                "cfg": p.cfg_scale, "steps": p.steps, "sampler": p.sampler_name, "scheduler": p.scheduler,
                "denoise": p.denoising_strength, "masked": getattr(p, "mask", None) is not None, "seed": p.seed,
                "prompt": p.prompt}
         record.jobs.append(job)
         if isinstance(p, StableDiffusionProcessingImg2Img):
-            out = [p.init_images[0].convert("RGB").resize((p.width, p.height), Image.Resampling.LANCZOS)]
-            return Processed(p, out, p.seed, "", [p.prompt], [p.negative_prompt], [p.seed], [""])
+            p.sampler = Sampler(p.sd_model)  # StableDiffusionProcessingImg2Img.init
+            init = p.init_images[0].convert("RGB").resize((p.width, p.height), Image.Resampling.LANCZOS)
+            image = (sampler or (lambda img, _job: img))(init.copy(), job)
+            assert image.size == init.size, "the stand-in sampler must keep the job size"
+            if p.mask is not None:
+                image = _masked_result(p, init, image.convert("RGB"))
+            text = create_infotext(p, p.seed)
+            if shared.opts.enable_pnginfo:
+                image.info["parameters"] = text
+            return Processed(p, [image], p.seed, text, [p.prompt], [p.negative_prompt], [p.seed], [text])
         if p.scripts is not None:
             p.scripts.process(p)
+        p.sampler = Sampler(p.sd_model)  # StableDiffusionProcessingTxt2Img.sample: create_sampler(.., self.sd_model)
         if p.enable_hr:
             # processing.py: sample_hr_pass → `'Use same choices' not in self.hr_additional_modules`
             job["hr_modules"] = "Use same choices" not in p.hr_additional_modules
         seeds = [p.seed + i for i in range(p.n_iter * p.batch_size)]
         imgs = [first_pass.get(s, Image.new("RGB", (p.width, p.height), (s % 256, 90, 160))) for s in seeds]
         infotexts = [create_infotext(p, s) for s in seeds]
+        if shared.opts.enable_pnginfo:
+            imgs = [img.copy() for img in imgs]
+            for img, text in zip(imgs, infotexts, strict=True):
+                img.info["parameters"] = text
         processed = Processed(p, imgs, p.seed, infotexts[0], [p.prompt] * len(seeds),
                               [p.negative_prompt] * len(seeds), seeds, infotexts)
         if p.scripts is not None:

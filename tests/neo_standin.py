@@ -23,6 +23,10 @@ load path as Haoming02/sd-webui-forge-classic, branch neo; NEO_NOTES.md):
   ``setting_allocated_vram`` whose onchange re-reserves (modules/initialize_util.py).
 - modules_forge/main_thread.py: ``Task.work`` prints ``traceback.print_exc()`` and keeps "Type: message" text in
   ``last_exception`` (no exception attribute); backend/patcher has no LoraLoader.
+- LoRA (backend/patcher/base.py, lora.py): ``ModelPatcher`` patches each key on the fly (``LowVramPatch`` merges at
+  every forward) when its patch is online, else ``patch_weight_to_device`` (cast to float, merge, ``utils.set_attr``
+  wraps the result in a plain Parameter) with a backup put back by ``unpatch_model``; ``merge_lora_to_weight``'s
+  "diff" patches.
 
 Written from reading that source, not copied. Callers look names up through their own fake module, as in the
 Forge stand-in (tests/forge_standin.py), whose model-file builders the tests share.
@@ -30,6 +34,7 @@ Forge stand-in (tests/forge_standin.py), whose model-file builders the tests sha
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import os
 import sys
@@ -50,7 +55,8 @@ NEO_COMMIT = "f95f632a107b64337b053f3e7719ac86165aa290"   # webui/: Forge Neo 2.
 MODULE_NAMES = (*webui.A1111_MODULES, "modules.processing", "modules_forge", "modules_forge.main_entry",
                 "modules_forge.main_thread", "modules_forge.packages", "backend", "backend.args", "backend.utils",
                 "backend.loader", "backend.operations_gguf", "backend.memory_management", "backend.patcher",
-                "backend.patcher.lora", "backend.diffusion_engine", "backend.diffusion_engine.flux")
+                "backend.patcher.base", "backend.patcher.lora", "backend.diffusion_engine",
+                "backend.diffusion_engine.flux")
 PRESETS = ("sd", "xl", "flux", "klein", "qwen")
 TOTAL_VRAM_MB = 8192.0
 NEO_GGUF_TYPES = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "BF16")
@@ -172,6 +178,138 @@ def load_torch_file(ckpt: str, *, safe_load=True, device=None, return_metadata=F
         assert safe_load
         sd = torch.load(ckpt, map_location=device, weights_only=True)
     return (sd, metadata) if return_metadata else sd
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# backend/utils.py attribute helpers, backend/patcher/lora.py merge_lora_to_weight ("diff" patches),
+# backend/patcher/base.py ModelPatcher (patch mode, on-the-fly LowVramPatch, backups), backend/operations.py's GGUF
+# Linear forward (weights_manual_cast: dequantize, then every weight_function)
+
+
+def get_attr(obj, attr):
+    for name in attr.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def set_attr_raw(obj, attr, value):
+    *parents, name = attr.split(".")
+    for parent in parents:
+        obj = getattr(obj, parent)
+    prev = getattr(obj, name)
+    setattr(obj, name, value)
+    return prev
+
+
+def set_attr(obj, attr, value):
+    try:
+        set_attr_raw(obj, attr, torch.nn.Parameter(value, requires_grad=False))
+    except RuntimeError:
+        set_attr_raw(obj, attr, torch.nn.Parameter(value.clone(), requires_grad=False))
+
+
+def copy_to_param(obj, attr, value):
+    get_attr(obj, attr).data.copy_(value)
+
+
+def merge_lora_to_weight(patches, weight, key, computation_dtype=torch.float32):
+    for p in patches:
+        strength, v = p[0], p[1]
+        if len(v) == 1:   # ("diff" patch): v = (delta,)
+            weight += strength * v[0].to(weight.device, weight.dtype)
+    return weight
+
+
+class LowVramPatch:
+    def __init__(self, key, patches, convert_func=None, set_func=None):
+        self.key, self.patches, self.convert_func, self.set_func = key, patches, convert_func, set_func
+
+    def __call__(self, weight):
+        _mod("backend.patcher.base").merges.append(self.key)
+        return _mod("backend.patcher.lora").merge_lora_to_weight(self.patches[self.key], weight, self.key,
+                                                                 computation_dtype=weight.dtype)
+
+
+def get_key_weight(model, key):
+    module_name, _, param = key.rpartition(".")
+    op = get_attr(model, module_name)
+    return getattr(op, param), getattr(op, f"set_{param}", None), getattr(op, f"convert_{param}", None)
+
+
+class ModelPatcher:
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.patches: dict[str, list[tuple]] = {}
+        self.backup: dict[str, Any] = {}
+        self.weight_inplace_update = False
+        self.offload_device = torch.device("cpu")
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0, *, filename=None, online_mode=None):
+        for key, value in patches.items():
+            self.patches.setdefault(key, []).append((strength_patch, value, strength_model, None, None, online_mode))
+        return list(patches)
+
+    def use_online_lora(self, key):
+        return any(patch[-1] for patch in self.patches.get(key, []))
+
+    def patch_weight_to_device(self, key, device_to=None, inplace_update=False, return_weight=False,
+                               force_cast=False):
+        base, utils = _mod("backend.patcher.base"), _mod("backend.utils")
+        weight, set_func, convert_func = base.get_key_weight(self.model, key)
+        if key not in self.patches and not force_cast:
+            return weight
+        inplace_update = self.weight_inplace_update or inplace_update
+        if key not in self.backup and not return_weight:
+            self.backup[key] = base.Dimension(weight.to(device=self.offload_device, copy=inplace_update),
+                                              inplace_update)
+        temp_weight = weight.to(torch.float32, copy=True)
+        out_weight = _mod("backend.patcher.lora").merge_lora_to_weight(self.patches[key], temp_weight, key)
+        out_weight = out_weight.to(weight.dtype)
+        if return_weight:
+            return out_weight
+        if inplace_update:
+            utils.copy_to_param(self.model, key, out_weight)
+        else:
+            utils.set_attr(self.model, key, out_weight)
+
+    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+        base = _mod("backend.patcher.base")
+        for key in self.patches:   # every patched layer is loaded completely here (CPU, enough memory)
+            module_name, _, param = key.rpartition(".")
+            module = get_attr(self.model, module_name)
+            if self.use_online_lora(key):
+                _, set_func, convert_func = base.get_key_weight(self.model, key)
+                setattr(module, f"{param}_function", [base.LowVramPatch(key, self.patches, convert_func, set_func)])
+            else:
+                self.patch_weight_to_device(key, device_to=device_to)
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        utils = _mod("backend.utils")
+        if unpatch_weights:
+            for k in list(self.backup):
+                bk = self.backup[k]
+                if bk.inplace_update:
+                    utils.copy_to_param(self.model, k, bk.weight)
+                else:
+                    utils.set_attr(self.model, k, bk.weight)
+            self.backup.clear()
+            for m in self.model.modules():
+                m.weight_function = []
+
+
+class GGUFLinear(torch.nn.Module):
+    """ForgeOperationsGGUF.Linear: the weight dequantized per forward, then every weight_function applied."""
+
+    def __init__(self, weight: Any) -> None:
+        super().__init__()
+        self.weight = weight
+        self.weight_function: list[Any] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = _mod("backend.operations_gguf").dequantize_tensor(self.weight)
+        for f in self.weight_function:
+            weight = f(weight)
+        return torch.nn.functional.linear(x, weight.to(x.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -506,7 +644,15 @@ def install(models_path: Path) -> dict[str, types.ModuleType]:
         og.QUANTS_MAPPING[qtype] = type(name, (_NeoQuant,), {"qtype": qtype, "block_size": block, "type_size": size})
     og.ParameterGGUF = ParameterGGUF
     og.dequantize_tensor = dequantize_tensor
-    m["backend.utils"].load_torch_file = load_torch_file
+    utils = m["backend.utils"]
+    utils.load_torch_file = load_torch_file
+    utils.get_attr, utils.set_attr, utils.set_attr_raw, utils.copy_to_param = get_attr, set_attr, set_attr_raw, \
+        copy_to_param
+    base = m["backend.patcher.base"]
+    base.ModelPatcher, base.LowVramPatch, base.get_key_weight = ModelPatcher, LowVramPatch, get_key_weight
+    base.Dimension = collections.namedtuple("Dimension", ["weight", "inplace_update"])
+    base.merges = []   # keys merged on the fly, one entry per forward (for assertions)
+    m["backend.patcher.lora"].merge_lora_to_weight = merge_lora_to_weight
     loader = m["backend.loader"]
     loader.load_torch_file = load_torch_file
     loader.replace_state_dict = replace_state_dict

@@ -237,9 +237,6 @@ def test_resolve_level(text: str, name: str) -> None:
 
 
 def test_models_folder_through_inspector(tmp_path: Path) -> None:
-    inspect = pytest.importorskip("lib_fluxq.inspect")
-    if not hasattr(inspect, "scan"):
-        pytest.skip("lib_fluxq.inspect.scan not available")
     import gguf
 
     from tests.fixtures import random_flux_state_dict, recipe_qtype, write_gguf

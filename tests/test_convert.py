@@ -86,13 +86,6 @@ def source_file(tmp_path_factory, source_sd) -> Path:
     assert _sha256(path) == digest, "the source file was modified"
 
 
-def _convert_or_skip(src, dst, qtype, **kwargs):
-    try:
-        return convert_file(src, dst, qtype, **kwargs)
-    except UnsupportedTypeError as exc:
-        if "not available" in str(exc):
-            pytest.skip(f"{qtype}: quantizer not landed yet ({exc})")
-        raise
 
 
 def _reader_value(reader: gguf.GGUFReader, key: str):
@@ -143,7 +136,7 @@ def _check_against_ggml(path: Path, sd: dict[str, torch.Tensor], qtype: T, sourc
 def test_round_trip_every_type_matches_ggml(tmp_path, compact_file, qtype):
     source_file, source_sd = compact_file
     out = tmp_path / "out.gguf"
-    result = _convert_or_skip(source_file, out, qtype.name)
+    result = convert_file(source_file, out, qtype.name)
     assert result.path == str(out) and result.n_bytes == out.stat().st_size
     _check_against_ggml(out, source_sd, qtype, source_file, COMPACT_FLUX)
     assert sorted(os.listdir(tmp_path)) == ["out.gguf"]  # no temp file left
@@ -156,7 +149,7 @@ def test_16_bit_and_fp8_sources_all_in_one_prefix(tmp_path, dtype, code):
     sd = random_flux_state_dict(SMALL_FLUX, seed=2, dtype=dtype, prefix="model.diffusion_model.")
     extras = {"vae.decoder.conv_in.weight": torch.randn(4, 4), "text_encoders.clip_l.x.weight": torch.randn(2)}
     src = write_safetensors(tmp_path / "aio.safetensors", {**sd, **extras})
-    result = _convert_or_skip(src, tmp_path / "o.gguf", "Q8_0")
+    result = convert_file(src, tmp_path / "o.gguf", "Q8_0")
     assert set(result.skipped) == set(extras)
     assert result.layout == "bfl (all-in-one)"
     bare = {k.removeprefix("model.diffusion_model."): v for k, v in sd.items()}
@@ -167,7 +160,7 @@ def test_gguf_f16_source(tmp_path, source_sd):
     f16 = {k: v.to(torch.float16) for k, v in source_sd.items()}
     src = tmp_path / "f16.gguf"
     write_gguf(src, f16, lambda name, shape: T.F32 if len(shape) == 1 else T.F16)
-    _convert_or_skip(src, tmp_path / "q.gguf", "Q4_0")
+    convert_file(src, tmp_path / "q.gguf", "Q4_0")
     # the source holds 1-D tensors as F32 of the f16 values: the same numbers
     _check_against_ggml(tmp_path / "q.gguf", f16, T.Q4_0, src)
 
@@ -176,7 +169,7 @@ def test_k_type_alias_and_default_output_name(tmp_path, source_file):
     assert parse_target("q4_k_s") == T.Q4_K and parse_target("Q5_K_S") == T.Q5_K and parse_target("NF4") == "nf4"
     src = tmp_path / "flux1-dev-bf16.safetensors"
     src.write_bytes(source_file.read_bytes())
-    result = _convert_or_skip(src, None, "q8_0")
+    result = convert_file(src, None, "q8_0")
     assert result.path == str(tmp_path / "flux1-dev-Q8_0.gguf")
     assert result.target == "Q8_0"
 

@@ -140,3 +140,52 @@ def test_bad_arguments_are_clear_errors() -> None:
         dequantize(packed, "Q9_X", (1, 32))
     with pytest.raises(UnsupportedTypeError, match="IQ2_XXS is not supported"):
         dequantize(packed, T.IQ2_XXS, (1, 256))
+
+
+def test_scratch_is_reused_across_types_shapes_and_dtypes_without_corrupting_results() -> None:
+    """The kernels' per-thread scratch (byte planes, indices, float32 accumulator) is shared by every call: mixing
+    types, shapes and output dtypes in any order must still give ggml's values, and once warm nothing grows."""
+    from lib_fluxq.quant import dequant as kernels
+
+    rng = np.random.default_rng(11)
+    cases = []
+    for qtype, rows, row in ((T.Q4_K, 40, 1024), (T.Q8_0, 7, 512), (T.IQ4_XS, 3, 256), (T.Q5_1, 64, 768),
+                             (T.Q6_K, 5, 2048), (T.Q3_K, 9, 256)):
+        packed = ggml_ref.quantize(_inputs("scaled", rows, row, rng), qtype)
+        cases.append((qtype, (rows, row), torch.from_numpy(packed.copy()),
+                      torch.from_numpy(ggml_ref.dequantize(packed.reshape(-1), qtype, rows * row))))
+    order = [(case, dtype) for dtype in (torch.bfloat16, torch.float32, torch.float16) for case in cases]
+    for round_ in range(2):
+        sizes = {key: buffer.numel() for key, buffer in kernels._scratch.buffers.items()}
+        for (qtype, shape, packed, reference), dtype in order[::1 if round_ == 0 else -1]:
+            got = dequantize(packed, qtype, shape, dtype)
+            expected = reference.view(shape).to(dtype)
+            assert torch.equal(got.isnan(), expected.isnan())
+            finite = ~expected.isnan()
+            assert torch.equal(got[finite], expected[finite]), (qtype.name, dtype)
+        if round_ == 1:   # the second round (reverse order) needed no new or larger buffer
+            assert {key: buffer.numel() for key, buffer in kernels._scratch.buffers.items()} == sizes
+
+
+def test_threads_have_their_own_scratch() -> None:
+    import threading
+
+    rng = np.random.default_rng(12)
+    packed = {q: ggml_ref.quantize(_inputs("normal", 32, 1024, rng), q) for q in (T.Q4_K, T.Q6_K)}
+    reference = {q: ggml_ref.dequantize(p.reshape(-1), q, 32 * 1024) for q, p in packed.items()}
+    failures: list[str] = []
+
+    def work(qtype: T) -> None:
+        data = torch.from_numpy(packed[qtype].copy())
+        for _ in range(20):
+            got = dequantize(data, qtype, (32, 1024)).numpy().reshape(-1)
+            if not np.array_equal(got.view(np.uint32), reference[qtype].view(np.uint32)):
+                failures.append(qtype.name)
+                return
+
+    threads = [threading.Thread(target=work, args=(q,)) for q in (T.Q4_K, T.Q6_K, T.Q4_K, T.Q6_K)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures

@@ -10,16 +10,16 @@ The asserted floors are the measured figures (see README.md) minus a small margi
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
+from PIL import Image
+from scipy.optimize import linear_sum_assignment
+from skimage import data as skdata
+from skimage import feature
 
-cv2 = pytest.importorskip("cv2")
-skdata = pytest.importorskip("skimage.data")
-from PIL import Image  # noqa: E402
-from skimage import feature  # noqa: E402
-
-from lib_fluxq.faces import CascadeDetector, Face, FaceDetectorError, make_detector, match_detections  # noqa: E402
-from lib_fluxq.refine import Box, RefineSettings  # noqa: E402
+from lib_fluxq.faces import CascadeDetector, Face, FaceDetectorError, make_detector
+from lib_fluxq.refine import Box, RefineSettings
 
 BACKGROUNDS = ("coffee", "rocket", "chelsea", "brick", "grass", "gravel", "hubble_deep_field", "page")
 SCENE_SIDE = 768
@@ -73,6 +73,37 @@ def default_detections(scenes) -> list[tuple[np.ndarray, list[Box]]]:
     detect = CascadeDetector()
     faces = [detect(canvas) for canvas, _ in scenes]
     return [(found, truth) for found, (_, truth) in zip(faces, scenes, strict=True)]
+
+
+# ---- scoring with independent references, not the project's code: OpenCV's convex-polygon intersection for the
+# overlap area and SciPy's Hungarian assignment for the one-to-one matching
+
+
+def _polygon(box: Box) -> np.ndarray:
+    return np.array([[box.x, box.y], [box.right, box.y], [box.right, box.bottom], [box.x, box.bottom]], np.float32)
+
+
+def reference_iou(a: Box, b: Box) -> float:
+    inter, _ = cv2.intersectConvexConvex(_polygon(a), _polygon(b))
+    return inter / (a.w * a.h + b.w * b.h - inter)
+
+
+def match_detections(found: list[Box], truth: list[Box], min_iou: float = 0.3) -> tuple[int, int, int]:
+    """Optimal one-to-one matching at IoU >= ``min_iou`` → (true positives, false positives, false negatives)."""
+    if not found or not truth:
+        return 0, len(found), len(truth)
+    overlap = np.array([[reference_iou(f, t) for t in truth] for f in found])
+    rows, cols = linear_sum_assignment(-overlap)
+    true_pos = int((overlap[rows, cols] >= min_iou).sum())
+    return true_pos, len(found) - true_pos, len(truth) - true_pos
+
+
+def test_reference_iou_on_hand_computed_boxes():
+    # 10x10 boxes overlapping in a 5x10 strip: 50 / (100 + 100 - 50); disjoint: 0; identical: 1
+    assert reference_iou(Box(0, 0, 10, 10), Box(5, 0, 10, 10)) == pytest.approx(50 / 150)
+    assert reference_iou(Box(0, 0, 10, 10), Box(20, 20, 5, 5)) == 0
+    assert reference_iou(Box(3, 4, 7, 9), Box(3, 4, 7, 9)) == pytest.approx(1)
+    assert match_detections([Box(0, 0, 10, 10), Box(100, 0, 10, 10)], [Box(1, 1, 10, 10)]) == (1, 1, 0)
 
 
 def _replay(detections):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -128,6 +129,15 @@ def test_safetensors_random_json(document) -> None:
     _parse(read_safetensors_header, struct.pack("<Q", len(body)) + body + b"\0" * 64)
 
 
-def test_deeply_nested_json_is_a_format_error() -> None:
-    body = b"[" * 100_000
-    _parse(read_safetensors_header, struct.pack("<Q", len(body)) + body)
+@pytest.mark.parametrize("body", [
+    b"[" * 100_000,                              # unclosed: json's recursion gives out before the syntax error
+    b"[" * 100_000 + b"]" * 100_000,             # valid JSON, but nested past Python's recursion limit
+    b"{" + b'"a":{' * 50_000 + b"}" * 50_001,    # the same through objects
+], ids=["unclosed", "closed-lists", "closed-objects"])
+def test_deeply_nested_json_is_a_format_error(body: bytes) -> None:
+    """Must be a FormatError naming the file: parsing successfully (or raising RecursionError) fails the test."""
+    path = _DIR / "nested.safetensors"
+    path.write_bytes(struct.pack("<Q", len(body)) + body)
+    with pytest.raises(FormatError) as caught:
+        read_safetensors_header(path)
+    assert caught.value.path == str(path) and caught.value.reason

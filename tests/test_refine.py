@@ -182,6 +182,55 @@ def test_face_paste_leaves_pixels_outside_the_mask_untouched(box, padding, dilat
     assert (mask[box.y:box.bottom, box.x:box.right] > 0).all()
 
 
+def _shifted_difference(src: np.ndarray, box: R.Box) -> float:
+    """How much this texture changes under a one-pixel shift inside ``box`` (smallest of the four directions): what
+    a paste off by even one pixel would add to the error."""
+    inner = src[box.y:box.bottom, box.x:box.right]
+    shifts = [src[box.y + dy:box.bottom + dy, box.x + dx:box.right + dx] for dx, dy in ((1, 0), (-1, 0), (0, 1),
+                                                                                        (0, -1))]
+    return min(float(np.abs(inner - s).mean()) for s in shifts)
+
+
+@pytest.mark.parametrize("box,side", [
+    (R.Box(170, 40, 110, 130), 512),   # hand-placed around the astronaut's face (scikit-image's photo)
+    (R.Box(170, 40, 110, 130), 256),   # crop sampled below its own size
+    (R.Box(300, 300, 64, 64), 512),    # the suit's texture, a small box
+])
+def test_face_paste_keeps_position_and_orientation_on_a_textured_image(box, side):
+    """A sampler that returns the crop unchanged must give back the photo itself inside the mask (only the crop's
+    resize there and back differs): a patch pasted mirrored, flipped or shifted by a pixel would differ by the
+    texture's own one-pixel difference or more. OpenCV's template matching (not our code) must find the pasted patch
+    exactly where it came from, and pixels outside the box grown by dilation + 3 x blur (the Gaussian's reach) are
+    the photo's, bit for bit."""
+    import cv2  # OpenCV (requirements-test.txt) locates the patch: an independent reference
+    from skimage import data as skdata
+
+    image = Image.fromarray(skdata.astronaut())
+    src = np.asarray(image, np.float64)
+    dilation, blur, margin = 4, 4, 8
+    out = R.inpaint_box(image, box, padding=32, dilation=dilation, blur=blur, side=side, sample=lambda crop, mask: crop)
+    res = np.asarray(out, np.float64)
+
+    inner = R.Box(box.x + margin, box.y + margin, box.w - 2 * margin, box.h - 2 * margin)  # surely fully masked
+    error = float(np.abs(res - src)[inner.y:inner.bottom, inner.x:inner.right].mean())
+    one_pixel = _shifted_difference(src, inner)
+    print(f"\n{box} side {side}: mean |pasted - photo| {error:.2f}; a one-pixel shift of this texture {one_pixel:.2f}")
+    assert error < one_pixel / 3
+
+    patch = np.asarray(out)[inner.y:inner.bottom, inner.x:inner.right]
+    search = 6
+    window = np.asarray(image)[inner.y - search:inner.bottom + search, inner.x - search:inner.right + search]
+    scores = cv2.matchTemplate(window, patch, cv2.TM_SQDIFF_NORMED)
+    assert cv2.minMaxLoc(scores)[2] == (search, search)  # found at offset 0, not a pixel off
+    mirrored = cv2.matchTemplate(window, np.ascontiguousarray(patch[:, ::-1]), cv2.TM_SQDIFF_NORMED).min()
+    assert scores.min() < mirrored / 10
+
+    reach = dilation + 3 * blur
+    outside = np.ones(src.shape[:2], bool)
+    outside[max(0, box.y - reach):box.bottom + reach, max(0, box.x - reach):box.right + reach] = False
+    assert np.array_equal(res[outside], src[outside])
+
+
 def test_mask_grows_by_dilation_and_feathers_by_blur():
     size = (400, 300)
     box = R.Box(100, 80, 50, 60)
@@ -249,28 +298,42 @@ def test_plan_uses_the_family_cfg_never_flux_1(family, expected_cfg):
     assert R.make_plan(R.RefineSettings(enable=True, checkpoint="x", cfg=3.0), (512, 768), family).cfg == 3.0
 
 
-def test_family_guess_from_keys():
-    assert R.guess_family_from_keys(["cond_stage_model.transformer.text_model.x", "model.diffusion_model.a"]) == "sd15"
-    assert R.guess_family_from_keys(["conditioner.embedders.1.model.ln_final.weight"]) == "sdxl"
-    with pytest.raises(R.RefineError, match="Flux"):
-        R.guess_family_from_keys(["double_blocks.0.img_attn.qkv.weight"])
-    with pytest.raises(R.RefineError, match="set the refine family"):
-        R.guess_family_from_keys(["foo"])
+UNET_ATTN2_K = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
 
 
-def test_safetensors_keys_read_from_a_real_file(tmp_path):
+def _safetensors(path, tensors: dict[str, tuple[int, ...]]) -> str:
     import torch
     from safetensors.torch import save_file
 
-    path = tmp_path / "sd15.safetensors"
-    save_file({"cond_stage_model.transformer.text_model.final_layer_norm.bias": torch.zeros(4)}, str(path))
-    assert R.guess_family_from_keys(R.read_safetensors_keys(path)) == "sd15"
+    save_file({name: torch.zeros(shape, dtype=torch.float16) for name, shape in tensors.items()}, str(path))
+    return str(path)
+
+
+def test_checkpoint_family_from_the_header(tmp_path):
+    """SD1.5 vs SDXL by the UNet's cross-attention width (768 = CLIP-L; 2048 = CLIP-L + OpenCLIP-G), as Forge's
+    huggingface_guess tells them; anything else is refused by what it is, a .ckpt (no header) is None."""
+    sd15 = _safetensors(tmp_path / "sd15.safetensors", {UNET_ATTN2_K: (640, 768)})
+    sdxl = _safetensors(tmp_path / "sdxl.safetensors", {UNET_ATTN2_K: (640, 2048)})
+    assert R.checkpoint_family(sd15) == "sd15"
+    assert R.checkpoint_family(sdxl) == "sdxl"
+    from tests.fixtures import random_flux_state_dict, write_safetensors
+
+    flux = write_safetensors(tmp_path / "flux1-dev.safetensors", random_flux_state_dict())  # real names, small widths
+    with pytest.raises(R.RefineError, match=r"flux1-dev\.safetensors: is a FLUX\.1 \[dev\] model; .*16-channel"):
+        R.checkpoint_family(flux)
+    sd2 = _safetensors(tmp_path / "sd21.safetensors", {UNET_ATTN2_K: (640, 1024)})
+    with pytest.raises(R.RefineError, match="is a Stable Diffusion 2.x model"):
+        R.checkpoint_family(sd2)
+    vae = _safetensors(tmp_path / "vae.safetensors", {"decoder.conv_in.weight": (512, 4, 3, 3)})
+    with pytest.raises(R.RefineError, match="is not a diffusion model"):
+        R.checkpoint_family(vae)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\xff" * 16)
-    from lib_fluxq.errors import FormatError
-
-    with pytest.raises(FormatError, match="bad.safetensors"):
-        R.read_safetensors_keys(bad)
+    with pytest.raises(R.RefineError, match="bad.safetensors: cannot read its header"):
+        R.checkpoint_family(bad)
+    ckpt = tmp_path / "old.ckpt"
+    ckpt.write_bytes(b"PK")
+    assert R.checkpoint_family(ckpt) is None
 
 
 def test_run_plan_order_and_face_limit():
@@ -298,3 +361,23 @@ def test_run_plan_order_and_face_limit():
     assert [e[0] for e in log[1 + len(plan.tiles):]] == ["face", "face"]
     assert all(e[2] == 0.4 for e in log[1 + len(plan.tiles):])
     assert [b for b, _ in done] == [R.Box(400, 400, 200, 200), R.Box(600, 900, 120, 120)]
+
+
+def test_denoise_zero_skips_the_whole_image_pass():
+    """denoise 0 changes nothing but would round-trip the image through the VAE: upscale, then faces only."""
+    plan = R.make_plan(R.RefineSettings(enable=True, checkpoint="x", denoise=0.0), (512, 768), "sd15")
+    assert plan.passes == 0 and not plan.tiled
+    tiled = R.make_plan(R.RefineSettings(enable=True, checkpoint="x"), (512, 768), "sd15")
+    assert tiled.passes == len(R.plan_tiles(1024, 1536, 512, 512, 64)) > 1
+    source = smooth_image(512, 768)
+    calls = []
+
+    def sample(img, mask, denoise, size):
+        calls.append((mask is not None, denoise))
+        return img
+
+    face = R.Box(400, 300, 200, 200)
+    out, done = R.run_plan(source, plan, upscale=lambda img, size: img.resize(size, Image.Resampling.LANCZOS),
+                           sample=sample, detect=lambda img: [(face, 0.9)])
+    assert calls == [(True, plan.faces.denoise)]  # the face inpaint only
+    assert done == [(face, 0.9)] and out.size == (1024, 1536)

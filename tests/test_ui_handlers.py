@@ -62,7 +62,8 @@ def test_plan_overrides_only_what_the_user_changed():
 
 
 def test_recommendation_shows_the_advisors_numbers_and_presets():
-    advisor = pytest.importorskip("lib_fluxq.advisor")
+    from lib_fluxq import advisor
+
     plan = handlers.make_plan(cpu_machine(), "", 12, None)
     advice = handlers.advise(plan)
     reference = advisor.advise(with_overrides(cpu_machine(), vram_gb=12))
@@ -105,8 +106,7 @@ def get_buttons(cell: str) -> dict[str, str]:
 
 
 def test_models_table_matches_inspector_and_advisor(models):
-    advisor = pytest.importorskip("lib_fluxq.advisor")
-    from lib_fluxq import inspect
+    from lib_fluxq import advisor, inspect
     plan = handlers.make_plan(cpu_machine(), "", 8, None)
     inventory = handlers.inventory(handlers.new_listing([str(models)]), plan)
     rows = {row[0]: dict(zip(handlers.MODEL_COLUMNS, row, strict=True)) for row in handlers.model_rows(inventory)}
@@ -163,8 +163,9 @@ def test_models_table_says_what_the_files_on_disk_pair_with(models, tmp_path):
 
 
 def test_use_this_pairs_modules_by_content(models, tmp_path):
-    pairing = pytest.importorskip("lib_fluxq.pairing")
     from safetensors.torch import save_file
+
+    from lib_fluxq import pairing
     checkpoint = str(models / "Stable-diffusion" / "flux1-dev-Q4_0.gguf")
     plan = handlers.make_plan(cpu_machine(), "", 8, None)
     nothing = handlers.use_plan(checkpoint, [], plan, handlers.advise(plan))
@@ -383,7 +384,7 @@ def test_listing_refuses_what_it_did_not_list_before_opening_anything(tmp_path, 
 def test_recommendation_is_plain_first_with_the_numbers_one_click_away_and_no_flags():
     """Every text the tab renders from the advisor names fields and sections, never command-line flags; LoRA
     advice follows the installed hook (Forge's own mode cannot re-quantize K-quants / Q4_1 / Q5_1; fluxq's can)."""
-    advisor = pytest.importorskip("lib_fluxq.advisor")
+    from lib_fluxq import advisor
     flag = re.compile(r"(?<![\w-])--?[a-z][\w-]*|python -m")
     pages = []
     for vram, gpu in ((None, ""), (4, ""), (6, ""), (8, ""), (12, "RTX 9999"), (16, "RTX 4060 Ti"), (24, "")):

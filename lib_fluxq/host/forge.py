@@ -79,7 +79,6 @@ _DEFAULTS = {s.key: s.default for s in SETTINGS}
 SKIP_REASONS = {
     "mmap": "GGUF memory-mapping (this WebUI keeps GGUF files mapped itself)",
     "lora_requant": "LoRA re-quantization (this WebUI does not merge LoRAs into GGUF weights)",
-    "lora_merge": "merge-once LoRA (this WebUI merges LoRAs into GGUF weights itself)",
     "quiet_errors": "one-line missing-part errors (this WebUI's generation thread has an unknown shape)",
     "infotext": "infotext without left-out modules (no processing.create_infotext)",
     "gpu_weights": "advised GPU Weights (no GPU Weights setting found)",
@@ -511,9 +510,24 @@ def _install_lora_requant(caps: Capabilities) -> str | None:
 
 
 def _install_lora_merge(caps: Capabilities) -> str | None:
-    if caps.lora_on_gguf != "online":
-        return SKIP_REASONS["lora_merge"]
-    return "merge-once LoRA (not available yet on this WebUI)"
+    from lib_fluxq.host import lora_merge
+    reason = lora_merge.available(caps)
+    if reason is None:
+        lora_merge.install(setting, log)
+    return reason
+
+
+def _lora_mode_changed() -> None:
+    """onchange of the merge-once setting: the LoRA mode of the selected checkpoint follows at once."""
+    from lib_fluxq.host import lora_merge
+    try:
+        from backend.args import dynamic_args
+        from modules_forge import main_entry
+        main_entry.refresh_model_loading_parameters()   # the host's own mode first (ours follows when on)
+        if not setting(lora_merge.SETTING):
+            log(f"LoRA mode back to the WebUI's own (on the fly: {bool(dynamic_args.online_lora)})")
+    except Exception as exc:
+        _fallback("switching the LoRA mode", exc)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -544,8 +558,10 @@ def visible_settings() -> tuple[Setting, ...]:
 def add_settings() -> None:
     """on_ui_settings: one checkbox per behaviour in Settings -> fluxq."""
     from modules import shared
+    onchange = {"fluxq_lora_merge": _lora_mode_changed}
     for item in visible_settings():
-        shared.opts.add_option(item.key, shared.OptionInfo(item.default, item.label, section=SECTION))
+        shared.opts.add_option(item.key, shared.OptionInfo(item.default, item.label, section=SECTION,
+                                                           onchange=onchange.get(item.key)))
 
 
 def on_model_loaded(sd_model: Any) -> None:

@@ -55,8 +55,37 @@ def pixel_upscaler_names() -> list[str]:
     return names or ["Lanczos"]
 
 
+_FAMILY_CACHE: dict[tuple[str, int, int], str | None | R.RefineError] = {}
+
+
+def checkpoint_family(filename: str) -> str | None:
+    """``R.checkpoint_family`` cached by (path, size, mtime): the dropdown is rebuilt with every UI (re)load and the
+    header of a 12 GB GGUF need not be read again. Raises the file's RefineError (Flux, SD3, damaged …) each time."""
+    stat = os.stat(filename)
+    key = (filename, stat.st_size, stat.st_mtime_ns)
+    if key not in _FAMILY_CACHE:
+        try:
+            _FAMILY_CACHE[key] = R.checkpoint_family(filename)
+        except R.RefineError as exc:
+            _FAMILY_CACHE[key] = exc
+    found = _FAMILY_CACHE[key]
+    if isinstance(found, R.RefineError):
+        raise found
+    return found
+
+
+def refinable(info: Any) -> bool:
+    """Offer a checkpoint for refining: its header says SD1.5 / SDXL, or it has no header to read (.ckpt)."""
+    try:
+        checkpoint_family(info.filename)
+    except (R.RefineError, OSError):
+        return False
+    return True
+
+
 def checkpoint_titles() -> list[str]:
-    return sorted(info.title for info in sd_models.checkpoints_list.values())
+    """The refine dropdown: SD1.5 / SDXL checkpoints only (never the Flux GGUFs next to them)."""
+    return sorted(info.title for info in sd_models.checkpoints_list.values() if refinable(info))
 
 
 def resolve_checkpoint(name: str) -> Any:
@@ -68,19 +97,19 @@ def resolve_checkpoint(name: str) -> Any:
 
 
 def resolve_family(settings: R.RefineSettings, info: Any) -> str:
-    """The settings' family, or (auto) the one the checkpoint's own keys say; Flux checkpoints are refused."""
+    """The settings' family, or (auto) the one the checkpoint's header says; Flux / SD3 / … are refused."""
     filename = getattr(info, "filename", "") or ""
-    if filename.endswith(".safetensors") and os.path.isfile(filename):
-        family = R.guess_family_from_keys(R.read_safetensors_keys(filename), source=filename)
-        if settings.family not in ("auto", family):
-            _log(f"{filename} looks like {family}, but the refine family is set to {settings.family}; using the "
-                 "setting")
-            return settings.family
-        return family
-    if settings.family == "auto":
-        raise R.RefineError(f"{filename or info}: cannot read its keys to tell SD1.5 from SDXL; set the refine "
-                            "family (sd15/sdxl) explicitly")
-    return settings.family
+    detected = checkpoint_family(filename) if os.path.isfile(filename) else None
+    if detected is None:
+        if settings.family == "auto":
+            raise R.RefineError(f"{filename or info}: cannot read its header to tell SD1.5 from SDXL; set the "
+                                "refine family (sd15/sdxl) explicitly")
+        return settings.family
+    if settings.family not in ("auto", detected):
+        _log(f"{filename} looks like {detected}, but the refine family is set to {settings.family}; using the "
+             "setting")
+        return settings.family
+    return detected
 
 
 def upscale_image(image: Image.Image, size: tuple[int, int], upscaler_name: str) -> Image.Image:
@@ -121,6 +150,18 @@ def refine_model_session(checkpoint_info: Any) -> Iterator[dict[str, Any]]:
         yield overrides
     finally:
         restore_options(stored)
+
+
+def release_first_pass_model(p: Any) -> None:
+    """Drop the finished first-pass job's hold on its model before the refine loads the SD one.
+
+    The refine runs in ``postprocess``, before ``process_images`` has returned: the job still keeps its sampler, and
+    the sampler's model wrapper references the engine it sampled with (Forge / A1111 KDiffusionSampler:
+    ``model_wrap.inner_model = shared.sd_model``) until the caller's ``p.close()``. While that holds, Forge's reload
+    drops its own reference, collects, and frees nothing: SD loaded next to Flux (issue 16: +2.5 GB at the SD pass,
+    18 GB resident at rest). Nothing after ``postprocess`` samples with it; ``close()`` would drop it anyway."""
+    if getattr(p, "sampler", None) is not None:
+        p.sampler = None
 
 
 def img2img(p: Any, image: Image.Image, mask: Image.Image | None, *, denoise: float, size: tuple[int, int],
@@ -276,6 +317,7 @@ def refine_processed(p: Any, processed: Any, settings: R.RefineSettings) -> None
     indices = _first_pass_indices(processed)
     originals: list[tuple[Image.Image, str]] = []
     state = getattr(shared, "state", None)
+    release_first_pass_model(p)
     with refine_model_session(info) as overrides:
         for n, index in enumerate(indices):
             if state is not None and getattr(state, "interrupted", False):
@@ -296,8 +338,14 @@ def refine_processed(p: Any, processed: Any, settings: R.RefineSettings) -> None
                                         upscale=lambda img, size: upscale_image(img, size, settings.upscaler))
             infotext = _pick(getattr(processed, "infotexts", None), index, processed.info)
             _log(f"image {n + 1}/{len(indices)}: {image.width}x{image.height} → {plan.size[0]}x{plan.size[1]} "
-                 f"({plan.family.label}, {len(plan.tiles) or 1} pass(es), {len(faces)} face(s))")
+                 f"({plan.family.label}, {plan.passes} pass(es), {len(faces)} face(s)"
+                 + "".join(f"; face at {box.x},{box.y} {box.w}x{box.h}" for box, _ in faces) + ")")
             originals.append((image, infotext))
+            # the returned / saved PNG must describe the whole generation (the first pass's parameters with the
+            # fluxq refine keys), not the SD img2img job that produced its pixels
+            refined.info = dict(image.info)
+            if infotext and getattr(shared.opts, "enable_pnginfo", True):
+                refined.info["parameters"] = infotext
             processed.images[index] = refined
             _save(p, refined, seed, prompt, infotext)
     if settings.keep_originals:

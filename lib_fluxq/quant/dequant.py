@@ -4,18 +4,19 @@ Each kernel takes ``blocks``, a contiguous ``(n_blocks, type_size)`` uint8 tenso
 ``(n_blocks, block_size)`` values into ``out``, whose dtype may be float32, float16 or bfloat16. The kernels follow
 ggml's ``dequantize_row_*`` (ggml-quants.c) operation by operation, including the order of float multiplications,
 so float32 results are bit-identical to ggml's ``to_float``; a half-precision ``out`` receives that float32 result
-rounded once (the arithmetic stays float32, see ``_finish``).
+rounded once (the arithmetic stays float32, see ``_scale``).
 
 How they stay fast in eager torch, where every op is one pass over memory:
-- all bit fiddling happens on bytes (nibbles, 2-bit crumbs, high bits), where a pass costs a quarter of a float
-  pass; bit fields that land far apart in the output come from small lookup tables (one byte -> 4 or 8 fields)
-  gathered once per byte instead of one shift-and-mask pass per field;
-- the float work is the minimum ggml's rounding allows: one int -> float conversion written straight into ``out``,
-  one multiply by the broadcast per-block scale, and for affine types one add / subtract of the broadcast offset;
+- bit fiddling happens on bytes (nibbles, 2-bit crumbs, high bits), a quarter of a float pass each, and only on
+  contiguous "planes": each field is shifted and masked over a whole flat byte array, then moved into place by 2-D
+  copies (an element-wise op on short strided rows falls to torch's scalar loop, ~10x slower);
+- per-block scales are read as strided fp16 / int32 columns (one op per block, not one per byte);
+- the float work is the minimum ggml's rounding allows: one int -> float conversion, one multiply by the broadcast
+  per-(sub-)block scale, and for affine types one add / subtract of the broadcast offset;
 - temporaries come from a per-thread scratch (``scratch``) that the caller's chunk loop reuses, so nothing is
-  allocated per call once warm (on CPU a fresh multi-MB allocation costs page faults every time; see quant/__init__).
-- IQ4's non-linear codebook is a gather of int8 codebook values through a byte -> (low, high) table of int16, not a
-  float lookup through int64 indices.
+  allocated per call once warm (on CPU a fresh multi-MB allocation costs page faults every time);
+- IQ4's non-linear codebook is two small integer gathers (byte -> int8 codebook value of its low / high nibble),
+  not a float lookup through int64 indices.
 
 The per-type facts (block size, bytes) live in ``table.py``; this module only knows byte layouts.
 """
