@@ -51,7 +51,14 @@ def test_plan_overrides_only_what_the_user_changed():
     planned = handlers.make_plan(detected, "", 8, ram, "768x768", "schnell")
     assert planned.overridden == ["VRAM"]
     assert planned.hardware.vram_total == 8 * GIB and planned.hardware.backend == "cuda"
-    assert (planned.width, planned.height, planned.model) == (768, 768, "schnell")
+    assert (planned.width, planned.height, planned.model) == (768, 768, "flux-schnell")
+    with pytest.raises(FluxqError, match="choose a model family from the list"):
+        handlers.make_plan(detected, "", None, None, "1024x1024", "sd15")
+    from lib_fluxq import advisor  # another family: the advisor's plan for that family
+    klein = handlers.make_plan(detected, "", 8, None, "1024x1024", "flux2-klein-4b")
+    reference = advisor.advise(klein.hardware, 1024, 1024, model="flux2-klein-4b")
+    assert handlers.advise(klein).summary == reference.summary != handlers.advise(planned).summary
+    assert families.FAMILIES["flux2-klein-4b"].title in handlers.recommendation_html(handlers.advise(klein), klein)
     with pytest.raises(FluxqError, match="WIDTHxHEIGHT"):
         handlers.make_plan(detected, "", None, None, "big", "dev")
     with pytest.raises(FluxqError, match="not plausible") as refused:

@@ -164,9 +164,25 @@ def _number(value: Any, what: str) -> float | None:
 
 def model_choices() -> list[tuple[str, str]]:
     """(title, family key) of every family the advisor plans for, FLUX.1 dev first."""
-    advisor = optional("lib_fluxq.advisor")
-    planned = advisor.planned_families() if advisor is not None and hasattr(advisor, "planned_families") else []
+    model = optional("lib_fluxq.advisor.model")   # the advisor's family rows (advisor/__init__ does not re-export)
+    planned = model.planned_families() if model is not None else []
     return [(fam.title, fam.key) for fam in planned] or [(families.FAMILIES[DEFAULT_MODEL].title, DEFAULT_MODEL)]
+
+
+def _family_key(model: Any) -> str:
+    """The family key a Model value names ("flux-schnell", or the advisor's aliases such as "schnell")."""
+    advisor_model = optional("lib_fluxq.advisor.model")
+    known = {key for _, key in model_choices()}
+    if isinstance(model, str) and advisor_model is not None:
+        try:
+            key = advisor_model.resolve_family(model).key
+        except FluxqError:
+            key = None
+        if key in known:
+            return key
+    if model in known:
+        return str(model)
+    raise FluxqError("choose a model family from the list")
 
 
 def family_title(key: str | None) -> str:
@@ -187,8 +203,7 @@ def make_plan(detected: Hardware, gpu_name: str | None, vram_gb: float | None, r
     vram_gb, ram_gb = _number(vram_gb, "VRAM"), _number(ram_gb, "RAM")
     vram = None if vram_gb is None or (det_vram is not None and abs(vram_gb - det_vram) < 0.05) else vram_gb
     ram = None if ram_gb is None or (det_ram is not None and abs(ram_gb - det_ram) < 0.05) else ram_gb
-    if model not in {key for _, key in model_choices()}:
-        raise FluxqError("choose a model family from the list")
+    model = _family_key(model)
     try:
         hardware = with_overrides(detected, vram_gb=vram, ram_gb=ram, gpu_name=gpu)
     except FluxqError as exc:
