@@ -3,7 +3,7 @@
 PYTHON ?= python3
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test bench lint clean chromium
+.PHONY: demo test bench lint clean chromium standalone
 
 .venv-demo/.ready: requirements.txt
 	$(PYTHON) -m venv .venv-demo
@@ -24,6 +24,12 @@ demo: .venv-demo/.ready
 test: .venv-test/.ready chromium
 	.venv-test/bin/python -m ruff check .
 	.venv-test/bin/python -m pytest -q
+	$(MAKE) standalone
+
+# The README's standalone install as written, from the runtime requirement files alone (not the test pins), into a
+# fresh .venv-standalone: the tab must start and answer HTTP on 127.0.0.1. pip's wheel cache keeps reruns short.
+standalone:
+	PYTHON=$(PYTHON) TORCH_PIN=$(TORCH_PIN) bash .ci/standalone_install.sh
 
 bench: .venv-test/.ready
 	.venv-test/bin/python bench/dequant.py
@@ -40,4 +46,4 @@ lint: .venv-test/.ready
 	.venv-test/bin/python -m ruff check .
 
 clean:
-	rm -rf .venv-demo .venv-test .pytest_cache
+	rm -rf .venv-demo .venv-test .venv-standalone .pytest_cache

@@ -38,16 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     chosen = next((a for a in argv if not a.startswith("-")), None)
     if chosen not in COMMANDS:
         chosen = None
-    args = build_parser(chosen).parse_args(argv)
-    if args.command is None:
-        build_parser().print_help()
-        return 2
-    module = importlib.import_module(COMMANDS[args.command][0])
     try:
+        args = build_parser(chosen).parse_args(argv)
+        if args.command is None:
+            build_parser().print_help()
+            return 2
+        module = importlib.import_module(COMMANDS[args.command][0])
         return int(module.run(args) or 0)
     except FluxqError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -55,6 +54,25 @@ def main(argv: list[str] | None = None) -> int:
         # the reader went away (`... | head`): stop quietly, and keep Python from failing again when it flushes stdout
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:  # a file problem no command turned into its own message: still one line naming the file
+        if exc.filename is not None:
+            from lib_fluxq.formats.detect import path_error
+
+            return _fail(str(path_error(os.fsdecode(exc.filename), exc)))
+        return _fail(f"{exc.strerror or exc} (check the disk and the paths given)")
+    except MemoryError:
+        return _fail("out of memory (close other programs, or use smaller --blocks / --res)")
+    except Exception as exc:  # a bug in fluxq: one line, and the traceback only on request
+        if os.environ.get("FLUXQ_TRACEBACK"):
+            raise
+        # the exception's text is left out: it may quote bytes of the file being read
+        return _fail(f"internal error in fluxq ({type(exc).__name__}); please report it, with the traceback that "
+                     "FLUXQ_TRACEBACK=1 shows", code=70)
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -413,8 +413,7 @@ def _details(view: HeaderView, index: _Index, family: str | None) -> dict[str, A
             details["in_channels"] = shape[-1] if len(shape) == 2 else None
         if txt_in and len(view.tensors[txt_in[0]].shape) == 2:
             details["context_in"] = view.tensors[txt_in[0]].shape[-1]
-        details["guidance"] = index.has("guidance_in.in_layer.weight | "
-                                        "time_text_embed.guidance_embedder.linear_1.weight")
+        details["guidance"] = index.has(F.GUIDANCE_KEYS)
         for label, pattern in _BLOCK_COUNTERS:
             indices = {int(m.group(1)) for n in view.tensors if (m := re.search(pattern, n))}
             if indices:

@@ -36,8 +36,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from gguf import GGMLQuantizationType
 
 from lib_fluxq import __version__
@@ -52,18 +52,27 @@ from lib_fluxq.flux import (
     flux_param_shapes,
     is_quantized_by_recipe,
 )
-from lib_fluxq.formats import nf4
-from lib_fluxq.formats.gguf_write import StreamingGGUFWriter
-from lib_fluxq.formats.safetensors_read import SafetensorsReader
-from lib_fluxq.formats.safetensors_write import StreamingSafetensorsWriter
-from lib_fluxq.quant import FORMATS, get_format, quantize, resolve_qtype
+from lib_fluxq.formats import detect
+
+if TYPE_CHECKING:
+    import torch
+
+    from lib_fluxq.formats.safetensors_read import SafetensorsReader
+
+# torch, the quantizers and the writers are imported where the work starts (``from lib_fluxq.quant import ...`` in
+# the functions below): an argument or file error answers at once instead of after torch's multi-second import.
 
 NF4 = "nf4"
 RECIPES = ("default", "all")
 FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 CHUNK_ELEMENTS = 1 << 22  # float32 elements per quantization step (16 MB; quantizer temporaries scale with it)
-_GGUF_TORCH_DTYPES = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
-                      GGMLQuantizationType.BF16: torch.bfloat16}
+
+
+def _gguf_torch_dtypes() -> dict[GGMLQuantizationType, torch.dtype]:
+    import torch
+
+    return {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
+            GGMLQuantizationType.BF16: torch.bfloat16}
 
 Target = GGMLQuantizationType | str   # a GGML type, or NF4
 ProgressCallback = Callable[[int, int, str], None]  # (tensors done, tensors total, name of the tensor just written)
@@ -236,19 +245,16 @@ class FluxSource:
 def open_source(path: str | os.PathLike[str]) -> FluxSource:
     """Open ``path`` as a Flux transformer source, or raise a FluxqError that names what it is instead."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FormatError(path, "file not found", fix="check the path")
-    if os.path.isdir(path):
-        raise FormatError(path, "is a folder; give the .safetensors or .gguf file of the Flux transformer")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == b"GGUF":
+    # by content, not extension: missing, unreadable, pickle, empty or foreign files get their own one-line message
+    if detect.require_model(path).kind == detect.GGUF:
         return _open_gguf_source(path)
     return _open_safetensors_source(path)
 
 
 def _open_safetensors_source(path: str) -> FluxSource:
     try:
+        from lib_fluxq.formats.safetensors_read import SafetensorsReader
+
         reader = SafetensorsReader(path)
     except FormatError as exc:
         if os.path.splitext(path)[1].lower() in (".ckpt", ".pt", ".pth", ".bin"):
@@ -265,6 +271,8 @@ def _open_safetensors_source(path: str) -> FluxSource:
 
 
 def _safetensors_source(path: str, reader: SafetensorsReader) -> FluxSource:
+    from lib_fluxq.formats import nf4
+
     names = list(reader.entries)
     if any(nf4.is_nf4_key(n) for n in names):
         raise AlreadyQuantizedError(path, "bitsandbytes NF4/FP4 weights")
@@ -325,6 +333,8 @@ def _diffusers_tensors(path: str, reader: SafetensorsReader,
 
 
 def _load_diffusers(reader: SafetensorsReader, keys: tuple[str, ...], bfl: str) -> torch.Tensor:
+    import torch
+
     parts = [reader.read(k) for k in keys]
     value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     if bfl in DIFFUSERS_SWAPPED_HALVES:
@@ -344,12 +354,13 @@ def _open_gguf_source(path: str) -> FluxSource:
             raise FormatError(path, f"GGUF architecture is '{arch}', not a Flux transformer",
                               fix="give the Flux transformer file (general.architecture = flux)")
         _require_flux(path, {n: None for n in local})
-        quantized = [t for t in local.values() if t.qtype not in _GGUF_TORCH_DTYPES]
+        float_dtypes = _gguf_torch_dtypes()
+        quantized = [t for t in local.values() if t.qtype not in float_dtypes]
         if quantized:
             raise AlreadyQuantizedError(path, quantized[0].qtype.name, quantized[0].name)
         tensors = {
             name: SourceTensor(name, t.shape, t.qtype.name,
-                               lambda t=t: t.data.view(_GGUF_TORCH_DTYPES[t.qtype]).view(t.shape))
+                               lambda t=t: t.data.view(float_dtypes[t.qtype]).view(t.shape))
             for name, t in local.items()
         }
         source = FluxSource(path, "gguf", _ordered(path, tensors))
@@ -449,6 +460,8 @@ def _ordered(path: str, tensors: dict[str, SourceTensor]) -> dict[str, SourceTen
 
 def parse_target(text: str | GGMLQuantizationType) -> Target:
     """``nf4`` or a GGML type fluxq can quantize to; accepts city96 names with ``_S`` (Q4_K_S -> Q4_K)."""
+    from lib_fluxq.quant import FORMATS, resolve_qtype
+
     if isinstance(text, GGMLQuantizationType):
         qtype = text
     else:
@@ -470,6 +483,10 @@ def _check_quantizer_available(target: Target) -> None:
     """Fail before any work when this build has no quantizer for ``target`` (kernels land type by type)."""
     if target == NF4:
         return
+    import torch
+
+    from lib_fluxq.quant import get_format, quantize
+
     try:
         quantize(torch.zeros(1, get_format(target).block_size), target)
     except NotImplementedError:
@@ -478,6 +495,8 @@ def _check_quantizer_available(target: Target) -> None:
 
 
 def target_names() -> list[str]:
+    from lib_fluxq.quant import FORMATS
+
     return [t.name for t in FORMATS] + [NF4]
 
 
@@ -500,6 +519,10 @@ def plan_conversion(source: FluxSource, target: Target, recipe: str = "default")
     """Per tensor: quantize to the target or keep at high precision (1-D -> F32, the rest F16, as published)."""
     if recipe not in RECIPES:
         raise ConvertError(f"unknown recipe '{recipe}'; choose one of: {', '.join(RECIPES)}")
+    import torch
+
+    from lib_fluxq.quant import get_format
+
     plan: list[PlannedTensor] = []
     for name, tensor in source.tensors.items():
         shape = tuple(tensor.shape)
@@ -561,6 +584,7 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None
     ConversionCancelled. Raises a FluxqError for any bad input; never leaves a partial file; never touches ``src``.
     """
     started = time.monotonic()
+    detect.require_model(src)  # a missing or foreign source is named first, before torch and the output are touched
     target = parse_target(qtype)
     _check_quantizer_available(target)
     if recipe not in RECIPES:
@@ -605,12 +629,16 @@ class _GGUFOutput:
         self.plan, self.target, self.recipe, self.src = plan, target, recipe, src
 
     def estimated_bytes(self) -> int:
+        from lib_fluxq.quant import get_format
+
         total = 0
         for p in self.plan:
             total += -(-get_format(p.qtype).packed_bytes(math.prod(p.source.shape)) // 32) * 32
         return total + 64 * 1024 + 256 * len(self.plan)  # header, KV and tensor infos
 
     def write(self, path: str, step: Callable[[str], None], cancel: threading.Event | None) -> None:
+        from lib_fluxq.formats.gguf_write import StreamingGGUFWriter
+
         writer = StreamingGGUFWriter(path, arch="flux")
         try:
             writer.add_standard_metadata(self.target)
@@ -632,6 +660,10 @@ class _GGUFOutput:
 
 def _quantize_gguf(values: torch.Tensor, qtype: GGMLQuantizationType, cancel: threading.Event | None) -> torch.Tensor:
     """Quantize row chunks so the float32 working set stays near CHUNK_ELEMENTS whatever the tensor size."""
+    import torch
+
+    from lib_fluxq.quant import get_format, quantize
+
     fmt = get_format(qtype)
     row = values.shape[-1] if values.dim() else 1
     rows = values.numel() // max(row, 1)
@@ -651,6 +683,8 @@ class _NF4Output:
     def _layout(self, p: PlannedTensor) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         if p.store_dtype is not None:
             return [(p.out_name, p.store_dtype, p.source.shape)]
+        from lib_fluxq.formats import nf4
+
         return nf4.v2_layout(p.out_name, p.source.shape, dtype_name="bfloat16")
 
     def _metadata(self) -> dict[str, str]:
@@ -658,6 +692,8 @@ class _NF4Output:
                 "fluxq.version": __version__, "fluxq.quantization": "bnb-nf4 v2 (blocksize 64, no double quant)"}
 
     def estimated_bytes(self) -> int:
+        from lib_fluxq.formats.safetensors_write import StreamingSafetensorsWriter
+
         with open(os.devnull, "wb") as sink:
             writer = StreamingSafetensorsWriter(sink, self._metadata())
             for p in self.plan:
@@ -666,6 +702,9 @@ class _NF4Output:
             return writer.total_bytes
 
     def write(self, path: str, step: Callable[[str], None], cancel: threading.Event | None) -> None:
+        from lib_fluxq.formats import nf4
+        from lib_fluxq.formats.safetensors_write import StreamingSafetensorsWriter
+
         with open(path, "wb") as file:
             writer = StreamingSafetensorsWriter(file, self._metadata())
             for p in self.plan:
@@ -749,8 +788,9 @@ def _gb(n: int) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="Flux transformer: .safetensors (FP32/FP16/BF16/FP8; BFL, ComfyUI, all-in-one or "
                                     "diffusers names) or an F16/BF16 .gguf")
-    parser.add_argument("--to", required=True, metavar="TYPE", dest="to",
-                        help=f"target: {', '.join(target_names())} (Q4_K_S etc. are accepted for the K types)")
+    to = parser.add_argument("--to", required=True, metavar="TYPE", dest="to",
+                             help="target: %(type_names)s (Q4_K_S etc. are accepted for the K types)")
+    to.type_names = _TypeNames()  # filled in by argparse only when the help is printed
     parser.add_argument("-o", "--output", help="output file (default: next to SRC, named after TYPE)")
     parser.add_argument("--recipe", choices=RECIPES, default="default",
                         help="default: quantize the 2-D block weights, keep embeddings/final layer/1-D high precision "
@@ -758,11 +798,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
 
 
+class _TypeNames:
+    """The target list for ``--help``, read from the quantizer table (which imports torch) only when printed."""
+
+    def __str__(self) -> str:
+        return ", ".join(target_names())
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace) -> int:
+    detect.require_model(args.src)  # before parse_target, which loads the quantizer table (and torch)
     target = parse_target(args.to)
     bar = None
 

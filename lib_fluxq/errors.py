@@ -29,6 +29,11 @@ class FormatError(FluxqError):
             message += f" ({fix})"
         super().__init__(message)
 
+    def describe(self) -> str:
+        """The message without the path: what is wrong (and where in the file), then what to do."""
+        text = self.reason if self.tensor is None else f"tensor '{self.tensor}': {self.reason}"
+        return f"{text} ({self.fix})" if self.fix else text
+
 
 class UnsupportedTypeError(FluxqError):
     """A quantization type fluxq does not (yet) handle."""

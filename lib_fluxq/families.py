@@ -191,7 +191,9 @@ _QK_NORM = ("double_blocks.0.img_attn.norm.key_norm.scale | double_blocks.0.img_
 _IMG_IN = "img_in.weight | x_embedder.weight"
 _TXT_IN = "txt_in.weight | context_embedder.weight"
 _VEC_IN = "vector_in.in_layer.weight | time_text_embed.text_embedder.linear_1.weight"   # CLIP-L pooled input
-_GUIDANCE = "guidance_in.in_layer.weight | time_text_embed.guidance_embedder.linear_1.weight"
+_GUIDANCE = ("guidance_in.in_layer.weight | time_text_embed.guidance_embedder.linear_1.weight"
+             " | time_guidance_embed.guidance_embedder.linear_1.weight")   # BFL | diffusers FLUX.1 | diffusers FLUX.2
+GUIDANCE_KEYS = _GUIDANCE
 _FLUX2 = "double_stream_modulation_img.lin.weight | double_stream_modulation_img.linear.weight"
 _CHROMA = ("distilled_guidance_layer.in_proj.weight | distilled_guidance_layer.norms.0.scale"
            " | distilled_guidance_layer.norms.0.weight | distilled_guidance_layer.0.norms.0.scale"
@@ -276,8 +278,6 @@ COMPANIONS: dict[str, Companion] = {c.key: c for c in (
         downloads=(
             Download("Comfy-Org/Flux-2-Klein-4B", "split_files/text_encoders/qwen_3_4b.safetensors", 8.04, APACHE,
                      "bf16"),
-            Download("unsloth/Qwen3-4B-GGUF", "Qwen3-4B-Q8_0.gguf", 4.28, APACHE, "Q8_0", size_source="estimated",
-                     note="GGUF (a Qwen3-4B Q8_0 elsewhere is 4.28 GB)"),
         ),
         # Same ratio as T5's rule (free RAM >= ~3x the full-precision file), not measured separately.
         full_precision_min_free_ram=24 * GiB),
@@ -304,9 +304,9 @@ COMPANIONS: dict[str, Companion] = {c.key: c for c in (
                      APACHE, "fp8"),
             Download("Comfy-Org/flux2-dev", "split_files/text_encoders/mistral_3_small_flux2_bf16.safetensors", 35.6,
                      APACHE, "bf16"),
-            Download("unsloth/Mistral-Small-3.2-24B-Instruct-2506-GGUF",
-                     "Mistral-Small-3.2-24B-Instruct-2506-Q4_K_M.gguf", 14.3, APACHE, "Q4_K_M",
-                     size_source="estimated", note="GGUF (the 3.1 Q4_K_M is 14.3 GB)"),
+            Download("unsloth/Mistral-Small-3.1-24B-Instruct-2503-GGUF",
+                     "Mistral-Small-3.1-24B-Instruct-2503-Q4_K_M.gguf", 14.3, APACHE, "Q4_K_M",
+                     note="GGUF of the full 40-layer model (FLUX.2 was trained with Mistral-Small 3.1)"),
         ),
         full_precision_min_free_ram=112 * GiB),
     Companion(
@@ -338,6 +338,10 @@ _FORGE_FLUX = Support(True, "GGUF, NF4, fp8, bf16")
 _NEO_FLUX = Support(True)
 _NO_A1111 = Support(False, "A1111 has no Flux-family support")
 _SQUARE_1MP = ((1024, 1024), (832, 1216), (1216, 832), (896, 1152), (1152, 896))
+# Default steps / CFG / distilled CFG: FLUX.2 dev 50 / guidance 4, Klein distilled 4 / 1, Klein base 50 / 4 (read in
+# a stored Klein setup page citing the model cards); FLUX.1 dev and schnell from Forge's Flux preset; Kontext
+# (28 / 2.5), Krea (28 / 4.5), Fill (50 / 30) and Chroma (26 / CFG 4) as remembered from their model cards, not
+# re-read here.
 
 
 def _city96(variant: str, level: str, size_gb: float, licence: str, source: str = "published") -> Download:
@@ -621,3 +625,52 @@ def overview() -> list[FamilyRow]:
         needs = " + ".join(COMPANIONS[p].title for p in fam.companions) or "its own (all-in-one checkpoint)"
         rows.append(FamilyRow(fam.key, fam.title, needs, {h: fam.hosts[h].text() for h in HOSTS if h in fam.hosts}))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------- tables for people
+
+def _cell(text: str) -> str:
+    return text.replace("|", "/")
+
+
+def markdown_families(compact: bool = False) -> str:
+    """The family table as Markdown (README: ``compact``; docs/families.md: full). Tests keep the docs equal."""
+    rows = [f for f in FAMILIES.values() if not f.fallback and (not compact or f.arch != "sd")]
+    if compact:   # yes / no only: the reasons and conditions are in docs/families.md
+        out = ["| family | needs | Forge | Neo |", "|---|---|---|---|"]
+        for f in rows:
+            needs = " + ".join(COMPANIONS[p].title for p in f.companions) or "-"
+            yes_no = ["yes" if f.hosts[h].runs else "no" for h in ("forge", "neo")]
+            out.append(f"| {f.title} | {_cell(needs)} | {yes_no[0]} | {yes_no[1]} |")
+        return "\n".join(out)
+    out = ["| key | family | parameters | latent ch | needs | steps / CFG / distilled CFG | licence | "
+           "Forge | Neo | A1111 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for f in rows:
+        params = f"{f.parameters / 1e9:.2f} B" if f.parameters else "-"
+        needs = " + ".join(f"`{p}`" for p in f.companions) or "-"
+        defaults = " / ".join("-" if v is None else f"{v:g}" for v in (f.steps, f.cfg, f.distilled_cfg))
+        hosts = " | ".join(_cell(f.hosts[h].text()) if h in f.hosts else "-" for h in HOSTS)
+        title = f.title + (f" (same weights as `{f.same_weights_as}`: told by file name)" if f.same_weights_as else "")
+        out.append(f"| `{f.key}` | {title} | {params} | {f.latent_channels or '-'} | {needs} | {defaults} | "
+                   f"{f.licence or '-'} | {hosts} |")
+    return "\n".join(out)
+
+
+def markdown_companions() -> str:
+    out = ["| part | what | folder | formats | files (size, licence) |", "|---|---|---|---|---|"]
+    for c in COMPANIONS.values():
+        if not c.downloads:
+            continue
+        files = "<br>".join(f"[{d.filename}]({d.url}) ({d.precision}, {d.size_gb:g} GB"
+                            f"{', estimated' if d.size_source == 'estimated' else ''}, {d.licence})"
+                            for d in c.downloads)
+        out.append(f"| `{c.key}` | {c.title} | `{c.folder}` | {_cell(c.formats)} | {files} |")
+    return "\n".join(out)
+
+
+def markdown_formats() -> str:
+    out = ["| format | how the header marks it | Forge | Neo |", "|---|---|---|---|"]
+    for f in FORMATS.values():
+        out.append(f"| `{f.key}` {f.title} | {_cell(f.marked)} | {_cell(f.hosts['forge'].text())} | "
+                   f"{_cell(f.hosts['neo'].text())} |")
+    return "\n".join(out)

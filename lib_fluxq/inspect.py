@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,7 @@ from lib_fluxq import families as F
 from lib_fluxq.classify import Classification, HeaderView, classify, view_from_gguf, view_from_safetensors
 from lib_fluxq.errors import FormatError
 from lib_fluxq.flux import FORGE_PREFIX
+from lib_fluxq.formats import detect
 from lib_fluxq.formats.gguf_header import read_gguf_header
 from lib_fluxq.formats.safetensors_header import read_safetensors_header
 
@@ -189,44 +191,37 @@ def inspect_file(path: str | os.PathLike[str], hash: bool = False, folder: str |
     """Inspect one file from its header. Never raises for a bad file: the report says ``unreadable: <reason>``."""
     path = os.fspath(path)
     report = FileReport(path=path, folder=folder if folder is not None else _model_folder(path))
-    lower = path.lower()
     try:
-        report.file_size = os.stat(path).st_size
-    except OSError as exc:
-        return _unreadable(report, exc.strerror or str(exc))
-    if lower.endswith(PICKLE_EXTENSIONS) and not os.path.isdir(path):
+        found = detect.identify(path)  # by content: the extension may lie (a .gguf that is HTML, a .ckpt that is not)
+    except FormatError as exc:
+        return _unreadable(report, exc.describe())
+    report.file_size = found.size
+    if found.kind == detect.PICKLE:
         report.format, report.status = "pickle", "skipped"
         report.error = "pickle checkpoint: not inspected (reading it would run its code); convert it to safetensors"
         return report
+    if found.kind not in detect.MODEL_KINDS:
+        return _unreadable(report, detect.not_a_model(found).describe())
     try:
-        if lower.endswith(".gguf") or _starts_with(path, b"GGUF"):
-            report.format = "gguf"
+        report.format = found.kind
+        if found.kind == detect.GGUF:
             tensors, view = _read_gguf(path, report)
         else:
-            report.format = "safetensors"
             tensors, view = _read_safetensors(path, report)
         _analyse(report, tensors, view)
         report.header_bytes_read = view.bytes_read   # plus the Comfy .comfy_quant marker bytes, if any
         if hash:
             report.sha256 = _sha256(path)
     except FormatError as exc:
-        return _unreadable(report, exc.reason if exc.tensor is None else f"tensor '{exc.tensor}': {exc.reason}")
+        return _unreadable(report, exc.describe())
     except OSError as exc:
-        return _unreadable(report, exc.strerror or str(exc))
+        return _unreadable(report, detect.path_error(path, exc).describe())
     return report
 
 
 def _unreadable(report: FileReport, reason: str) -> FileReport:
     report.status, report.error = "unreadable", reason
     return report
-
-
-def _starts_with(path: str, magic: bytes) -> bool:
-    try:
-        with open(path, "rb", buffering=0) as f:  # unbuffered: read 4 bytes, not a buffer's worth
-            return f.read(len(magic)) == magic
-    except OSError:
-        return False  # the real reader reports why
 
 
 def _read_gguf(path: str, report: FileReport) -> tuple[list[_Tensor], HeaderView]:
@@ -312,6 +307,11 @@ def _sha256(path: str) -> str:
 # --------------------------------------------------------------------------------------------------------- analysis
 
 def _analyse(report: FileReport, tensors: list[_Tensor], view: HeaderView) -> None:
+    # The one classifier (lib_fluxq.classify over the family table) names the file and, group by group, each part
+    # of an all-in-one checkpoint; inspect adds the storage accounting per part. A model first: Nunchaku's SVDQuant
+    # files carry low-rank 'lora_down' / 'lora_up' tensors in every layer and are not LoRAs.
+    whole = classify(view)
+    _count_packed(tensors, view, whole.format)
     report.tensors = len(tensors)
     report.parameters = sum(t.parameters for t in tensors)
     report.storage = _storage(tensors)
@@ -319,10 +319,6 @@ def _analyse(report: FileReport, tensors: list[_Tensor], view: HeaderView) -> No
     if not tensors:
         report.notes.append("the file holds no tensors")
         return
-    # The one classifier (lib_fluxq.classify over the family table) names the file and, group by group, each part
-    # of an all-in-one checkpoint; inspect adds the storage accounting per part. A model first: Nunchaku's SVDQuant
-    # files carry low-rank 'lora_down' / 'lora_up' tensors in every layer and are not LoRAs.
-    whole = classify(view)
     if whole.family is None and any(_LORA_ANY.search(n) for n in names):
         _analyse_lora(report, tensors)
         _note_folder(report, "lora")
@@ -370,6 +366,21 @@ def _analyse(report: FileReport, tensors: list[_Tensor], view: HeaderView) -> No
         _note_folder(report, "transformer")
 
 
+def _count_packed(tensors: list[_Tensor], view: HeaderView, quant_format: str | None) -> None:
+    """Parameters of 4-bit weights packed into integer storage: SVDQuant 'qweight' int8 holds two (W4A4), int32
+    eight (the AWQ W4A16 AdaNorm linears); Comfy nvfp4 'weight' uint8 holds two."""
+    if quant_format in ("svdq-int4", "svdq-fp4"):
+        per_element = {"I8": 2, "I32": 8}
+        for t in tensors:
+            if t.name.endswith(".qweight") and t.dtype in per_element:
+                t.parameters *= per_element[t.dtype]
+    elif quant_format == "comfy-nvfp4":
+        for t in tensors:
+            if t.dtype == "U8" and t.name.endswith(".weight") and \
+                    f"{t.name[:-len('weight')]}weight_scale_2" in view.tensors:
+                t.parameters *= 2
+
+
 # Formats whose marker, not the storage dtype, says what the weights are.
 _MARKED_FORMATS = ("svdq-int4", "svdq-fp4", "comfy-nvfp4", "comfy-mxfp8", "comfy-int8", "comfy-w4a4", "comfy-fp8",
                    "fp8-scaled")
@@ -405,9 +416,6 @@ def _note_family(report: FileReport, whole: Classification) -> None:
         verb = "has" if len(others) == 1 else "have"
         report.notes.append(f"{' and '.join(others)} {verb} the same weights as {row.title}; neither the metadata "
                             f"nor the file name says which, so this reads as {row.title}")
-    if whole.needs:
-        needs = ", ".join(F.part_title(p) for p in whole.needs)
-        report.notes.append(f"{row.title} also needs: {needs}")
     hosts = [f"{title}: {text}" for title, text in report.runs_on.items()]
     fmt_title = F.fmt(whole.format).title if whole.format in F.FORMATS else "this storage"
     report.notes.append(f"{row.title} as {fmt_title} runs on " + "; ".join(hosts))
@@ -552,11 +560,12 @@ def _model_folder(path: str) -> str | None:
 
 # ------------------------------------------------------------------------------------------------------------- scan
 
-def iter_model_files(path: str | os.PathLike[str]) -> Iterator[str]:
+def iter_model_files(path: str | os.PathLike[str],
+                     folder_errors: list[tuple[str, OSError]] | None = None) -> Iterator[str]:
     """Model files under ``path``: itself if a file, its model folders if a WebUI root, else every file below it.
 
     Symlinked folders are followed once (a loop is cut); a directory whose name ends in a model extension is yielded
-    so that it is reported, not silently skipped.
+    so that it is reported, not silently skipped. Folders that cannot be listed go to ``folder_errors``.
     """
     root = os.fspath(path)
     if not os.path.isdir(root) or root.lower().endswith(INSPECTED_EXTENSIONS + PICKLE_EXTENSIONS):
@@ -566,14 +575,19 @@ def iter_model_files(path: str | os.PathLike[str]) -> Iterator[str]:
         folders = [os.path.join(models, name) for name in MODEL_FOLDERS if os.path.isdir(os.path.join(models, name))]
         if folders and models != root or len(folders) >= 2:
             for folder in folders:
-                yield from _walk(folder)
+                yield from _walk(folder, folder_errors)
             return
-    yield from _walk(root)
+    yield from _walk(root, folder_errors)
 
 
-def _walk(root: str) -> Iterator[str]:
+def _walk(root: str, folder_errors: list[tuple[str, OSError]] | None = None) -> Iterator[str]:
     seen: set[tuple[int, int]] = set()
-    for directory, subdirs, files in os.walk(root, followlinks=True, onerror=None):
+
+    def unlistable(exc: OSError) -> None:
+        if folder_errors is not None:
+            folder_errors.append((exc.filename or root, exc))
+
+    for directory, subdirs, files in os.walk(root, followlinks=True, onerror=unlistable):
         try:
             st = os.stat(directory)
         except OSError:
@@ -589,16 +603,54 @@ def _walk(root: str) -> Iterator[str]:
                 yield os.path.join(directory, name)
 
 
-def scan(paths: Iterable[str | os.PathLike[str]], hash: bool = False) -> list[FileReport]:
-    """Reports for every model file under ``paths`` (files, folders, WebUI roots), in a stable order."""
-    reports: list[FileReport] = []
+_STATUS_ORDER = {"ok": 0, "skipped": 1, "unreadable": 2}
+
+
+@dataclass
+class ScanResult:
+    """``reports``: each real file once, readable first, then skipped (pickles), broken last.
+    ``empty``: the given folders that held no model file."""
+
+    reports: list[FileReport]
+    empty: list[str]
+
+
+def scan_paths(paths: Iterable[str | os.PathLike[str]], hash: bool = False) -> ScanResult:
+    """Reports for every model file under ``paths`` (files, folders, WebUI roots).
+
+    A file reached twice (a symlink to a parent folder or to the file, a path given twice, a WebUI root and one of
+    its folders) is reported once: under its own path when that path was found, else under the first path found.
+    A broken file, an unreadable folder and a path that does not exist are reports with ``status == "unreadable"``
+    and the reason, listed after the readable ones.
+    """
+    found: dict[str, str] = {}  # real file -> the path it is reported under (insertion order = scan order)
+    folder_reports: list[FileReport] = []
+    empty: list[str] = []
     for path in paths:
-        if not os.path.exists(path) and not os.path.islink(path):
-            reports.append(FileReport(path=os.fspath(path), status="unreadable", error="no such file or folder"))
-            continue
-        for file_path in iter_model_files(path):
-            reports.append(inspect_file(file_path, hash=hash))
-    return reports
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            candidates: list[str] = [path]  # a file, or a broken path: inspect_file says what is wrong
+        else:
+            folder_errors: list[tuple[str, OSError]] = []
+            candidates = list(iter_model_files(path, folder_errors))
+            for folder, exc in folder_errors:
+                folder_reports.append(FileReport(path=folder, status="unreadable",
+                                                 error="folder " + detect.path_error(folder, exc).describe()))
+            if not candidates and not folder_errors:
+                empty.append(path)
+        for file_path in candidates:
+            real = os.path.realpath(file_path)
+            key = real if os.path.exists(file_path) else os.path.abspath(file_path)
+            if key not in found or (real == os.path.abspath(file_path) != os.path.abspath(found[key])):
+                found[key] = file_path  # first path found, or the file's own path over a link to it
+    reports = [inspect_file(file_path, hash=hash) for file_path in found.values()] + folder_reports
+    reports.sort(key=lambda r: _STATUS_ORDER.get(r.status, len(_STATUS_ORDER)))  # stable: scan order kept within
+    return ScanResult(reports, empty)
+
+
+def scan(paths: Iterable[str | os.PathLike[str]], hash: bool = False) -> list[FileReport]:
+    """Reports for every model file under ``paths``: each real file once, broken files last (see ``scan_paths``)."""
+    return scan_paths(paths, hash=hash).reports
 
 
 # -------------------------------------------------------------------------------------------------------------- CLI
@@ -611,15 +663,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    reports = scan(args.paths, hash=args.hash)
+    """Table (or JSON) of every file; exit 1 when a file is unreadable or nothing was found.
+
+    When nothing readable was found there is no table: each problem is one ``error:`` line naming the path.
+    """
+    result = scan_paths(args.paths, hash=args.hash)
+    reports = result.reports
+    problems = [f"error: {path}: no model files (.safetensors, .gguf) in this folder (give the folder or file that "
+                "holds your models)" for path in result.empty]
+    readable = any(r.status == "ok" for r in reports)
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=2))
-    else:
+    elif readable:
         print(format_table(reports))
-    if not reports:
-        print("no model files found")
-        return 1
-    return 0
+    else:
+        problems += [f"error: {r.path}: {r.error}" for r in reports]
+    for line in problems:
+        print(line, file=sys.stderr)
+    return 0 if readable and all(r.status != "unreadable" for r in reports) and not result.empty else 1
 
 
 def format_table(reports: list[FileReport]) -> str:
@@ -650,7 +711,7 @@ def format_table(reports: list[FileReport]) -> str:
             lines.append(f"sha256: {r.sha256}")
         lines.extend(f"note: {n}" for n in r.notes)
         extra.append(lines)
-    widths = [max(len(header[i]), *(len(row[i]) for row in rows if len(row) > 2 and i < len(row)))
+    widths = [max([len(header[i])] + [len(row[i]) for row in rows if len(row) > 2])
               for i in range(len(header) - 1)]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False)) + "  " + header[-1]]
     for row, lines in zip(rows, extra, strict=True):

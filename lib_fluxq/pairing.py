@@ -100,8 +100,9 @@ def missing_files_message(checkpoint: str, missing: Sequence[str], folders: dict
         for download in comp.downloads:
             gated = ", accept the licence on the Hub first" if download.gated else ""
             note = f"; {download.note}" if download.note else ""
-            lines.append(f"      {download.filename} ({download.precision}, {download.size_gb:g} GB, "
-                         f"{download.licence}{gated}{note}): {download.url}")
+            size = f"{'about ' if download.size_source == 'estimated' else ''}{download.size_gb:g} GB"
+            lines.append(f"      {download.filename} ({download.precision}, {size}, {download.licence}{gated}{note}): "
+                         f"{download.url}")
     return "\n".join(lines)
 
 

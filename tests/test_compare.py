@@ -217,3 +217,63 @@ def test_unknown_level_names_the_known_ones():
     done = _cli("--res", "300x200")
     assert done.returncode == 1 and "300x200" in done.stderr
 
+
+
+# Plot input: one run of the embedded default (sizes and errors as `make demo` printed them). Four levels share
+# 6.80 GB and Q4_0 / NF4 nearly share their errors too: the case where a marker used to hide under another.
+_DEMO_ROWS = """Q8_0 8.500 12.71 7.806e-03 1.632e-02
+FP8_SCALED 8.000 11.97 2.651e-02 5.361e-02
+FP8 8.000 11.97 3.391e-02 7.769e-02
+Q6_K 6.562 9.85 2.365e-02 4.828e-02
+Q5_1 6.000 9.02 4.430e-02 9.121e-02
+Q5_K 5.500 8.28 4.302e-02 9.105e-02
+Q5_0 5.500 8.28 6.205e-02 1.257e-01
+Q4_1 5.000 7.54 9.136e-02 1.939e-01
+Q4_K 4.500 6.80 8.520e-02 1.769e-01
+Q4_0 4.500 6.80 1.239e-01 2.521e-01
+IQ4_NL 4.500 6.80 9.827e-02 2.027e-01
+NF4 4.500 6.80 1.239e-01 2.521e-01
+IQ4_XS 4.250 6.43 9.982e-02 2.085e-01
+Q3_K 3.438 5.23 1.847e-01 3.901e-01
+Q2_K 2.625 4.02 3.312e-01 7.304e-01"""
+
+
+def test_plot_never_hides_a_marker_or_a_label():
+    """Every marker is at least one marker width from every other (pixels, as drawn), and every label's rendered
+    box overlaps no other label and no marker — also for NF4 placed exactly on Q4_0."""
+    levels = []
+    for line in _DEMO_ROWS.splitlines():
+        name, bits, size, weight_err, block_err = line.split()
+        family = "nf4" if name == "NF4" else "fp8" if name.startswith("FP8") else "gguf"
+        levels.append(compare.LevelResult(level=name, description=name, available=True, family=family,
+                                          bits_per_weight=float(bits), flux_dev_gb=float(size),
+                                          weight_rel_rmse=float(weight_err), block_rel_error=float(block_err)))
+    comparison = compare.Comparison(source="test", synthetic=True, resolution="256x256", image_tokens=256,
+                                    text_tokens=64, double_blocks=[9], single_blocks=[19], levels=levels)
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Annotation, Text
+
+    fig = compare.build_figure(comparison)
+    try:
+        fig.canvas.draw()  # as saving does: annotations take their final positions
+        renderer = fig.canvas.get_renderer()
+        diameter = compare._marker_px()
+        for ax in fig.axes[:2]:
+            dots = np.concatenate([ax.transData.transform(c.get_offsets()) for c in ax.collections])
+            assert len(dots) == len(levels)
+            gaps = np.linalg.norm(dots[:, None, :] - dots[None, :, :], axis=-1) + np.eye(len(dots)) * 1e9
+            assert gaps.min() >= diameter, f"two markers {gaps.min():.1f} px apart (diameter {diameter:.1f})"
+            labels = [t for t in ax.texts if isinstance(t, Annotation)]
+            assert sorted(t.get_text() for t in labels) == sorted(r.level for r in levels)
+            boxes = [Text.get_window_extent(t, renderer) for t in labels]  # the text itself, not its leader line
+            inside = ax.get_window_extent(renderer)
+            for i, box in enumerate(boxes):
+                assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
+                for other in boxes[i + 1:]:
+                    assert not box.overlaps(other), (labels[i].get_text(), "overlaps another label")
+                for x, y in dots:
+                    r = diameter / 2
+                    assert not (box.x0 < x + r and x - r < box.x1 and box.y0 < y + r and y - r < box.y1), \
+                        (labels[i].get_text(), "covers a marker")
+    finally:
+        plt.close(fig)

@@ -348,3 +348,58 @@ def test_comfy_mixed_reads_only_the_marker_bytes(tmp_path: Path) -> None:
     assert dict(got.format_mix) == {"nvfp4": layers}
     size = path.stat().st_size
     assert math.isclose(size / GB, 6.8, abs_tol=0.3)   # nvfp4 FLUX.1 dev is about 6.8 GB; we read kilobytes of it
+
+
+def test_readme_and_docs_tables_are_the_table() -> None:
+    """README.md and docs/families.md show the rows this module generates (regenerate them when the table grows)."""
+    root = Path(__file__).resolve().parents[1]
+    for doc, generated in (("README.md", {"families.markdown_families(compact=True)": F.markdown_families(True)}),
+                           ("docs/families.md", {"families.markdown_families()": F.markdown_families(),
+                                                 "families.markdown_companions()": F.markdown_companions(),
+                                                 "families.markdown_formats()": F.markdown_formats()})):
+        text = (root / doc).read_text()
+        for marker, table in generated.items():
+            begin = f"<!-- generated: {marker} -->\n"
+            assert begin + table + "\n<!-- end generated -->" in text, (doc, marker)
+
+
+def test_diffusers_named_flux2(tmp_path: Path) -> None:
+    """FLUX.2 under diffusers' names (FLUX2_TRANSFORMER_KEYS_RENAME_DICT and the block maps, as listed in
+    shared/FAMILY_NOTES.md §3): told apart by context_embedder's width and the guidance embedder, like BFL names."""
+    def diffusers_flux2(config) -> dict:
+        h, m = config.hidden, config.mlp_hidden
+        specs = {"x_embedder.weight": (h, 128), "context_embedder.weight": (h, config.context_in),
+                 "time_guidance_embed.timestep_embedder.linear_1.weight": (h, 256),
+                 "time_guidance_embed.timestep_embedder.linear_2.weight": (h, h),
+                 "double_stream_modulation_img.linear.weight": (6 * h, h),
+                 "double_stream_modulation_txt.linear.weight": (6 * h, h),
+                 "single_stream_modulation.linear.weight": (3 * h, h),
+                 "norm_out.linear.weight": (2 * h, h), "proj_out.weight": (128, h)}
+        if config.guidance:
+            specs["time_guidance_embed.guidance_embedder.linear_1.weight"] = (h, 256)
+            specs["time_guidance_embed.guidance_embedder.linear_2.weight"] = (h, h)
+        for i in range(config.depth):
+            p = f"transformer_blocks.{i}."
+            for proj in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+                specs[f"{p}attn.{proj}.weight"] = (h, h)
+            specs[f"{p}attn.to_out.0.weight"] = (h, h)
+            specs[f"{p}attn.to_add_out.weight"] = (h, h)
+            for norm in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+                specs[f"{p}attn.{norm}.weight"] = (128,)
+            for ff_name in ("ff", "ff_context"):
+                specs[f"{p}{ff_name}.linear_in.weight"] = (2 * m, h)
+                specs[f"{p}{ff_name}.linear_out.weight"] = (h, m)
+        for i in range(config.depth_single):
+            p = f"single_transformer_blocks.{i}.attn."
+            specs[f"{p}to_qkv_mlp_proj.weight"] = (3 * h + 2 * m, h)
+            specs[f"{p}to_out.weight"] = (h, h + m)
+            specs[f"{p}norm_q.weight"] = (128,)
+            specs[f"{p}norm_k.weight"] = (128,)
+        return {n: ("BF16", s) for n, s in specs.items()}
+
+    for config, family in ((FLUX2_KLEIN_4B, "flux2-klein-4b"), (FLUX2_KLEIN_9B, "flux2-klein-9b"),
+                           (FLUX2_DEV, "flux2-dev")):
+        path = _st(tmp_path / f"{family}.safetensors", diffusers_flux2(config))
+        got = classify_file(path)
+        assert (got.family, got.details["double_blocks"], got.details["single_blocks"]) == \
+            (family, config.depth, config.depth_single)

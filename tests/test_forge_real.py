@@ -112,7 +112,9 @@ def test_real_forge_baked_q4_0_without_the_bake_copy(tmp_path_factory: pytest.Te
     results: dict[str, dict] = {}
     for label in os.environ.get("FLUXQ_FORGE_RUNS", "forge,fluxq").split(","):
         with_fluxq, forward = RUNS[label]
-        with running_forge(base, with_fluxq=with_fluxq) as (forge, log_path):
+        # a full-size load on a busy 2-core machine can take minutes before the server answers
+        start_timeout = int(os.environ.get("FLUXQ_FORGE_START_TIMEOUT", "900"))
+        with running_forge(base, start_timeout, with_fluxq=with_fluxq) as (forge, log_path):
             options: dict = {"sd_model_checkpoint": files["flux"].name, "forge_additional_modules": modules}
             if forward is not None:
                 options["fluxq_gguf_forward"] = forward

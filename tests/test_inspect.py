@@ -452,11 +452,14 @@ def test_bad_files_are_unreadable_and_scan_continues(tmp_path: Path) -> None:
     assert reports["good.gguf"].status == "ok"
     for kind, path in files.items():
         assert reports[path.name].status == "unreadable", kind
-    assert "too short" in reports["empty.safetensors"].error
-    assert "header length" in reports["biglen.safetensors"].error
+    assert "is empty" in reports["empty.safetensors"].error
+    assert "truncated safetensors" in reports["biglen.safetensors"].error
     assert "expected an object" in reports["list.safetensors"].error
-    assert "directory" in reports["folder.safetensors"].error
-    assert "symbolic links" in reports["loop.safetensors"].error
+    assert "is a folder" in reports["folder.safetensors"].error
+    assert "symbolic link loop" in reports["loop.safetensors"].error
+    # broken files come after every readable one
+    statuses = [r.status for r in scan([tmp_path])]
+    assert statuses == sorted(statuses, key=lambda s: s != "ok")
 
 
 def test_permission_denied(tmp_path: Path) -> None:
@@ -550,7 +553,7 @@ def test_cli_json_and_table(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "lib_fluxq", "inspect", str(tmp_path)]
     out = subprocess.run(cmd + ["--json", "--hash"], capture_output=True, text=True, env=env, cwd=REPO)
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 1, out.stderr  # listed, but a broken file is a failure to report
     data = {Path(d["path"]).name: d for d in json.loads(out.stdout)}
     flux = data["flux.gguf"]
     import hashlib
@@ -562,8 +565,9 @@ def test_cli_json_and_table(tmp_path: Path) -> None:
     assert set(flux) == documented
     assert (flux["family"], flux["level"], data["empty.safetensors"]["status"]) == ("flux-dev", "Q4_0",
                                                                                    "unreadable")
+    assert [d["status"] for d in json.loads(out.stdout)] == ["ok", "unreadable"]  # broken files last
     table = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    assert table.returncode == 0
+    assert table.returncode == 1
     assert "flux-dev" in table.stdout and "unreadable:" in table.stdout and "Q4_0" in table.stdout
     assert "also select: clip_l, t5xxl, ae" in table.stdout
 
@@ -633,6 +637,8 @@ def test_inspect_says_svdq_needs_nunchaku_on_neo(tmp_path: Path) -> None:
     r = inspect_file(FAMILY_CASES["SVDQ INT4"][0](tmp_path))
     assert r.runs_on["Forge Neo (2.26)"].startswith("yes (needs Nunchaku")
     assert r.runs_on["Forge (dfdcbab6)"] == "no (no Nunchaku support)"
+    # packed 4-bit weights count two per int8 byte (eight per int32): at least FLUX.1's 11.9 B, plus the rank-32 branch
+    assert families.family("flux-dev").parameters <= r.parameters < 1.1 * families.family("flux-dev").parameters
 
 
 def test_inspect_says_what_decided_a_look_alike(tmp_path: Path) -> None:

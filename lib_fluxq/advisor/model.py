@@ -7,7 +7,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from lib_fluxq.advisor.calibration import (
     ACT_BYTES_PER_TOKEN,
@@ -22,7 +22,6 @@ from lib_fluxq.advisor.calibration import (
 from lib_fluxq.errors import FluxqError
 from lib_fluxq.families import COMPANIONS, FAMILIES, Family
 from lib_fluxq.flux import FLUX_DEV, FluxConfig, flux_param_shapes, is_quantized_by_recipe
-from lib_fluxq.quant.table import FORMATS
 
 T = GGMLQuantizationType
 
@@ -45,8 +44,16 @@ class WeightLevel:
     candidate: bool = True            # offered as a recommendation (published files exist)
 
 
+# Block geometry from gguf-py's GGML_QUANT_SIZES, the vocabulary lib_fluxq.quant.FORMATS is built from: the kernel
+# table itself imports torch, which a plan from headers and numbers never needs.
 def _gguf_bits(qtype: GGMLQuantizationType) -> float:
-    return FORMATS[qtype].bits_per_weight
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    return 8.0 * type_size / block_size
+
+
+def _packed_bytes(qtype: GGMLQuantizationType, n_elements: int) -> int:
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    return n_elements // block_size * type_size
 
 
 NF4_BITS = 4 + NF4_ABSMAX_BITS / NF4_BLOCKSIZE  # 4.5
@@ -115,7 +122,7 @@ def transformer_bytes(level: WeightLevel, config: FluxConfig = FLUX_DEV) -> int:
         if level.scope == "all":
             total += n * level.bits / 8
         elif level.scope == "recipe" and is_quantized_by_recipe(name, shape):
-            total += FORMATS[level.qtype].packed_bytes(n)
+            total += _packed_bytes(level.qtype, n)
         elif level.scope == "linear" and _is_linear_weight(name, shape):
             total += n * level.bits / 8
         else:
@@ -129,12 +136,12 @@ def sdcpp_params_bytes(level: WeightLevel, config: FluxConfig = FLUX_DEV) -> int
     sd.cpp converts every weight whose row length is a multiple of the block size except ``img_in`` (its
     ``tensor_should_be_converted``); the rest stay BF16 as in flux1-dev.sft, and biases/norm scales are F32.
     """
-    fmt = FORMATS[level.qtype]
+    block_size = GGML_QUANT_SIZES[level.qtype][0]
     total = 0
     for name, shape in flux_param_shapes(config).items():
         n = math.prod(shape)
-        if len(shape) == 2 and not name.startswith("img_in") and shape[1] % fmt.block_size == 0:
-            total += fmt.packed_bytes(n)
+        if len(shape) == 2 and not name.startswith("img_in") and shape[1] % block_size == 0:
+            total += _packed_bytes(level.qtype, n)
         else:
             total += n * (2 if len(shape) == 2 else 4)
     return total

@@ -13,7 +13,6 @@ import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,10 +20,11 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from lib_fluxq.errors import FormatError, UnsupportedTypeError
+from lib_fluxq.formats import detect
 from lib_fluxq.formats.gguf_header import read_gguf_header
 from lib_fluxq.quant import dequantize, get_format
 
-GGUF_MAGIC = b"GGUF"
+GGUF_MAGIC = detect.GGUF_MAGIC
 _MIN_HEADER_BYTES = 24  # magic, version, tensor count, kv count
 
 
@@ -112,20 +112,11 @@ def open_gguf(path: str | os.PathLike[str]) -> GGUFFile:
 
 
 def _check_container(path: str) -> None:
-    p = Path(path)
-    if not p.exists():
-        raise FormatError(path, "file not found")
-    if p.is_dir():
-        raise FormatError(path, "is a directory, not a GGUF file")
-    size = p.stat().st_size
-    if size < _MIN_HEADER_BYTES:
-        raise FormatError(path, f"file is {size} bytes, too short for a GGUF header",
+    """A readable regular file that starts like a GGUF, else the FormatError that says what it is instead."""
+    found = detect.require(path, detect.GGUF)
+    if found.size < _MIN_HEADER_BYTES:
+        raise FormatError(path, f"file is {found.size} bytes, too short for a GGUF header",
                           fix="the download or copy was probably cut short; fetch the file again")
-    with open(p, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise FormatError(path, f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})",
-                          fix="check the file extension; .safetensors files are read by the safetensors loader")
 
 
 def _diagnose(path: str, exc: Exception) -> FormatError:
@@ -136,8 +127,8 @@ def _diagnose(path: str, exc: Exception) -> FormatError:
         return precise
     except Exception:  # the diagnosis must never hide the original problem
         pass
-    reason = str(exc) or type(exc).__name__
-    return FormatError(path, f"malformed GGUF: {reason}",
+    # gguf-py's own message may quote values read from the file: name only the kind of failure
+    return FormatError(path, f"malformed GGUF ({type(exc).__name__} in gguf-py's reader)",
                        fix="the file is damaged or truncated; download it again")
 
 

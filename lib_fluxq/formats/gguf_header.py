@@ -21,8 +21,9 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from lib_fluxq.errors import FormatError
+from lib_fluxq.formats import detect
 
-GGUF_MAGIC = b"GGUF"
+GGUF_MAGIC = detect.GGUF_MAGIC
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4             # GGML_MAX_DIMS
@@ -145,22 +146,32 @@ class HeaderStream:
 
 
 def open_header_stream(path: str | os.PathLike[str], kind: str) -> tuple[str, Any, int]:
-    """Open ``path`` for header reading; any OS-level refusal becomes a FormatError with the OS's reason."""
+    """Open ``path`` for header reading if it is a readable regular file of ``kind`` (detect.GGUF / SAFETENSORS).
+
+    Anything else (missing, a folder, a pipe, no permission, a pickle, a web page, other bytes) becomes the
+    FormatError ``detect`` words for it, decided by content, never by the file name.
+    """
     path = os.fspath(path)
+    raw = os.fdopen(detect.open_regular(path), "rb", buffering=0)
     try:
-        if os.path.isdir(path):
-            raise FormatError(path, f"is a directory, not a {kind} file")
-        raw = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the caller's try/finally
         size = os.fstat(raw.fileno()).st_size
+        found = detect.Identified(path, detect.sniff(raw.read(min(size, detect.SNIFF_BYTES)), size), size)
+        if found.kind != kind:
+            raise detect.not_a_model(found, {detect.GGUF: "a GGUF file", detect.SAFETENSORS: "a safetensors file"}
+                                     .get(kind, f"a {kind} file"))
+        raw.seek(0)
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise FormatError(path, f"cannot open: {reason}") from None
+        raw.close()
+        raise detect.path_error(path, exc) from None
+    except BaseException:
+        raw.close()
+        raise
     return path, raw, size
 
 
 def read_gguf_header(path: str | os.PathLike[str]) -> GGUFHeader:
     """Parse the header of the GGUF file at ``path``. Raises FormatError (file, tensor, reason) on anything invalid."""
-    path, raw, size = open_header_stream(path, "GGUF")
+    path, raw, size = open_header_stream(path, detect.GGUF)
     try:
         stream = HeaderStream(path, raw, size)
         return _parse(stream)
@@ -174,19 +185,19 @@ def _parse(stream: HeaderStream) -> GGUFHeader:
     path, size = stream.path, stream.file_size
     if size < 24:
         raise FormatError(path, f"file is {size} bytes, too short for a GGUF header", fix=_REFETCH)
-    magic = stream.take(4, "magic")
-    if magic != GGUF_MAGIC:
-        raise FormatError(path, f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})",
-                          fix="check the file extension")
+    if stream.take(4, "magic") != GGUF_MAGIC:  # checked on opening; the file changed since
+        raise FormatError(path, "is not a GGUF file (no GGUF magic)", fix=_REFETCH)
     version = stream.unpack("<I", "version")
     if version not in SUPPORTED_VERSIONS:
-        hint = "GGUF v1 is obsolete; re-convert the model" if version == 1 else "written by a newer tool?"
-        raise FormatError(path, f"unsupported GGUF version {version} (supported: 2, 3)", fix=hint)
+        # no raw number from the file in the message unless it reads as a plausible version
+        named = f"version {version}" if 1 <= version <= 255 else "an unknown version"
+        hint = "GGUF v1 is obsolete; re-convert the model" if version == 1 else "written by a newer tool, or damaged"
+        raise FormatError(path, f"is a GGUF file of {named}; fluxq reads versions 2 and 3", fix=hint)
     n_tensors = stream.unpack("<Q", "tensor count")
     n_kv = stream.unpack("<Q", "metadata count")
     if n_tensors * _MIN_TENSOR_INFO_BYTES + n_kv * _MIN_KV_BYTES > stream.remaining:
-        raise FormatError(path, f"header claims {n_tensors} tensors and {n_kv} metadata entries, more than the "
-                                f"{size}-byte file can hold", fix=_REFETCH)
+        raise FormatError(path, f"header claims more tensors and metadata entries than the {size}-byte file can "
+                                "hold", fix=_REFETCH)
 
     metadata: dict[str, Any] = {}
     for index in range(n_kv):
@@ -278,7 +289,7 @@ def _read_string(stream: HeaderStream, what: str, strict: bool = False) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         if strict:  # names must be exact: a replaced character would silently mismatch a key
-            raise FormatError(stream.path, f"{what} is not valid UTF-8: {data[:60]!r}", fix=_REFETCH) from None
+            raise FormatError(stream.path, f"{what} is not valid UTF-8", fix=_REFETCH) from None
         return data.decode("utf-8", errors="replace")
 
 

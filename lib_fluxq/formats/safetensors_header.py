@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass, field
 
 from lib_fluxq.errors import FormatError
+from lib_fluxq.formats import detect
 from lib_fluxq.formats.gguf_header import HeaderStream, open_header_stream
 
 # dtype -> bits per element (the safetensors format's dtype names)
@@ -60,7 +61,7 @@ class SafetensorsHeader:
 
 def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     """Parse the header of the safetensors file at ``path``. Raises FormatError (file, tensor, reason)."""
-    path, raw, size = open_header_stream(path, "safetensors")
+    path, raw, size = open_header_stream(path, detect.SAFETENSORS)
     try:
         stream = HeaderStream(path, raw, size, chunk=8)  # two exact reads: the length, then the JSON
         return _parse(stream)
@@ -75,18 +76,21 @@ def _parse(stream: HeaderStream) -> SafetensorsHeader:
     if size < 8:
         raise FormatError(path, f"file is {size} bytes, too short for a safetensors header", fix=_REFETCH)
     header_size = struct.unpack("<Q", stream.take(8, "header length"))[0]
-    if header_size > size - 8:
-        raise FormatError(path, f"header length field says {header_size} bytes but the file holds only "
-                                f"{size - 8} after it", fix=_REFETCH + "; or this is not a safetensors file")
+    if header_size > size - 8:  # checked on opening; the file changed since
+        raise FormatError(path, "is a truncated safetensors file (its header runs past the end of the file)",
+                          fix=_REFETCH)
     if header_size > MAX_HEADER_BYTES:
-        raise FormatError(path, f"header of {header_size} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+        raise FormatError(path, f"safetensors header larger than the {MAX_HEADER_BYTES // (1 << 20)} MB limit "
+                                "of the format", fix=_REFETCH)
     text = stream.take(header_size, "header")
     try:
         document = json.loads(text.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise FormatError(path, f"header is not valid UTF-8 (byte {exc.start})", fix=_REFETCH) from None
     except (ValueError, RecursionError) as exc:
-        raise FormatError(path, f"header is not valid JSON: {str(exc)[:120]}", fix=_REFETCH) from None
+        # JSONDecodeError.msg says what was expected where, never the text itself
+        reason = getattr(exc, "msg", "nested too deeply")
+        raise FormatError(path, f"header is not valid JSON ({reason})", fix=_REFETCH) from None
     if not isinstance(document, dict):
         raise FormatError(path, f"header JSON is a {type(document).__name__}, expected an object")
 

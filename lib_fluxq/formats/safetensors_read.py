@@ -11,16 +11,16 @@ FormatError naming the file and tensor instead of garbage values.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from lib_fluxq.errors import FormatError
+from lib_fluxq.formats import detect
+from lib_fluxq.formats.safetensors_header import read_safetensors_header
 
 # safetensors dtype code -> torch dtype. F8 codes are what PyTorch/ComfyUI FP8 checkpoints use.
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -31,8 +31,6 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 SAFETENSORS_CODES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
-
-_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
 
 
 @dataclass(frozen=True)
@@ -59,19 +57,20 @@ class SafetensorsReader:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        if not os.path.exists(self.path):
-            raise FormatError(self.path, "file not found", fix="check the path")
-        if os.path.isdir(self.path):
-            raise FormatError(self.path, "is a directory, not a .safetensors file")
+        # the one header parser (validates every field, diagnoses non-safetensors files by content)
+        header = read_safetensors_header(self.path)
+        self.metadata = header.metadata
+        self.entries: dict[str, TensorEntry] = {}
+        for info in header.tensors.values():
+            if info.dtype not in TORCH_DTYPES:
+                raise FormatError(self.path, f"unsupported dtype {info.dtype}", tensor=info.name,
+                                  fix="fluxq reads " + ", ".join(TORCH_DTYPES))
+            self.entries[info.name] = TensorEntry(name=info.name, dtype=info.dtype, shape=info.shape,
+                                                  start=info.offset, n_bytes=info.n_bytes)
         try:
             self._file = open(self.path, "rb")  # noqa: SIM115 - kept open for positioned reads, closed in close()
         except OSError as exc:
-            raise FormatError(self.path, f"cannot open: {exc.strerror or exc}") from exc
-        try:
-            self.metadata, self.entries = _parse_header(self.path, self._file)
-        except BaseException:
-            self._file.close()
-            raise
+            raise detect.path_error(self.path, exc) from None
 
     def __contains__(self, name: object) -> bool:
         return name in self.entries
@@ -120,60 +119,3 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, str], dict[str,
 def _seek_read(file, view: memoryview, position: int) -> int:
     file.seek(position)
     return file.readinto(view) or 0
-
-
-def _parse_header(path: str, file) -> tuple[dict[str, str], dict[str, TensorEntry]]:
-    file_size = os.fstat(file.fileno()).st_size
-    head = file.read(8)
-    if len(head) < 8:
-        raise FormatError(path, f"file is {file_size} bytes, too short for a safetensors header",
-                          fix="the download or copy was probably cut short; fetch the file again")
-    (header_len,) = struct.unpack("<Q", head)
-    if header_len > _MAX_HEADER_BYTES or 8 + header_len > file_size:
-        raise FormatError(path, f"not a safetensors file (header length {header_len} does not fit the "
-                                f"{file_size}-byte file)",
-                          fix="check the file extension; a .gguf/.ckpt file needs its own loader")
-    try:
-        header = json.loads(file.read(header_len).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(path, f"not a safetensors file (header is not JSON: {exc})") from None
-    if not isinstance(header, dict):
-        raise FormatError(path, "not a safetensors file (header is not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise FormatError(path, "__metadata__ is not a JSON object")
-    data_start = 8 + header_len
-    data_size = file_size - data_start
-    entries: dict[str, TensorEntry] = {}
-    for name, info in header.items():
-        entries[name] = _entry(path, name, info, data_start, data_size)
-    spans = sorted((e.start, e.start + e.n_bytes, e.name) for e in entries.values() if e.n_bytes)
-    for (_, end, name), (next_start, _, next_name) in zip(spans, spans[1:], strict=False):
-        if end > next_start:
-            raise FormatError(path, f"tensor data overlaps tensor '{next_name}'", tensor=name,
-                              fix="the file is damaged; download it again")
-    return {str(k): str(v) for k, v in metadata.items()}, entries
-
-
-def _entry(path: str, name: str, info: object, data_start: int, data_size: int) -> TensorEntry:
-    if not isinstance(info, dict):
-        raise FormatError(path, "header entry is not a JSON object", tensor=name)
-    dtype = info.get("dtype")
-    shape = info.get("shape")
-    offsets = info.get("data_offsets")
-    if dtype not in TORCH_DTYPES:
-        raise FormatError(path, f"unsupported dtype {dtype!r}", tensor=name)
-    if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
-        raise FormatError(path, f"invalid shape {shape!r}", tensor=name)
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]):
-        raise FormatError(path, f"invalid data_offsets {offsets!r}", tensor=name)
-    n_bytes = offsets[1] - offsets[0]
-    expected = math.prod(shape) * torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
-    if n_bytes != expected:
-        raise FormatError(path, f"{dtype} tensor of shape {shape} needs {expected} bytes, the header gives "
-                                f"{n_bytes}", tensor=name, fix="the file is damaged; download it again")
-    if offsets[1] > data_size:
-        raise FormatError(path, f"tensor data runs past the end of the file ({offsets[1]} > {data_size} data bytes)",
-                          tensor=name, fix="the file is truncated; download it again")
-    return TensorEntry(name=name, dtype=dtype, shape=tuple(shape), start=data_start + offsets[0], n_bytes=n_bytes)

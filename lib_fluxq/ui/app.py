@@ -7,8 +7,10 @@ the network unless you pass ``--host 0.0.0.0`` yourself.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
+import stat
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -119,15 +121,11 @@ def build_app(models_dir: str) -> gr.Blocks:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise FluxqError("the ui command needs gradio: pip install gradio==4.40.0 (Forge's version)") from None
     models = os.path.abspath(args.models)
-    if os.path.exists(models) and not os.path.isdir(models):
-        raise FluxqError(f"--models {models}: not a folder (give the WebUI's models folder)")
+    _check_models_folder(models)
     if not 0 <= args.port <= 65535:
         raise FluxqError(f"--port {args.port}: give a port between 1 and 65535 (0: any free port)")
+    _import_gradio()
     app = build_app(models)
     app.queue(max_size=QUEUE_SIZE)
     print(f"Flux Quant for {models}")
@@ -135,3 +133,33 @@ def run(args: argparse.Namespace) -> int:
     app.launch(server_name=args.host, server_port=args.port or None, inbrowser=False, show_api=False,
                quiet=False, app_kwargs={"middleware": [Middleware(OfflinePage)]})
     return 0
+
+
+def _check_models_folder(models: str) -> None:
+    """A folder, or nothing yet (created on the first download); anything else is named with what it is."""
+    try:
+        mode = os.stat(models).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ENOENT and not os.path.islink(models):
+            return  # created on the first download
+        from lib_fluxq.formats.detect import path_error
+
+        raise FluxqError(f"--models {path_error(models, exc)}") from None
+    if not stat.S_ISDIR(mode):
+        raise FluxqError(f"--models {models}: is not a folder (give the WebUI's models folder)")
+
+
+def _import_gradio() -> None:
+    """Import gradio, or say what is wrong: not installed, or installed but failing on import (e.g. a
+    huggingface_hub without ``HfFolder``, which gradio 4.40 imports), with the real error."""
+    try:
+        import gradio  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name == "gradio":
+            raise FluxqError("the ui command needs gradio: pip install -r requirements-ui.txt (gradio 4.40.0, "
+                             "Forge's version)") from None
+        raise FluxqError(f"gradio is installed but cannot be imported: {exc}; install the versions it was tested "
+                         "with: pip install -r requirements-ui.txt") from None
+    except ImportError as exc:
+        raise FluxqError(f"gradio is installed but cannot be imported: {exc}; install the versions it was tested "
+                         "with: pip install -r requirements-ui.txt") from None
