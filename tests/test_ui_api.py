@@ -237,6 +237,21 @@ def test_an_empty_token_field_never_uses_the_servers_own_login(site):
     target.unlink()
 
 
+def test_the_standalone_app_asks_for_its_login(tmp_path):
+    """``ui --auth USER:PASSWORD`` (the WebUI's --gradio-auth): no event answers without the login."""
+    from lib_fluxq.ui.app import parse_auth
+    models = tmp_path / "models"
+    (models / "Stable-diffusion").mkdir(parents=True)
+    with running_app(models, app_env(), tmp_path / "app.log", ("--auth", "anna:a-long-passphrase")) as (url, _):
+        with pytest.raises(client_module.exceptions.AuthenticationError, match="credentials were not provided"):
+            client_module.Client(url, verbose=False).predict("", 8, 32, "1024x1024", "flux-dev", api_name="/plan")
+        logged_in = client_module.Client(url, verbose=False, auth=("anna", "a-long-passphrase"))
+        assert "fluxq_summary" in logged_in.predict("", 8, 32, "1024x1024", "flux-dev", api_name="/plan")[0]
+    for bad in ("anna", "anna:", ":pw"):
+        with pytest.raises(jobs.FluxqError, match="--auth: give USER:PASSWORD"):
+            parse_auth(bad)
+
+
 # ------------------------------------------------------------------------------------------------------ the flood
 
 def _states(page: str) -> list[str]:

@@ -37,12 +37,13 @@ def app_env(hub_url: str | None = None, **extra: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def running_app(models: Path, env: dict[str, str], log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Start the app on a free port; yield (url, process); stop it."""
+def running_app(models: Path, env: dict[str, str], log_path: Path,
+                extra: tuple[str, ...] = ()) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Start the app on a free port (``extra``: more ``ui`` arguments); yield (url, process); stop it."""
     port = free_port()
     with open(log_path, "w") as log:
-        app = subprocess.Popen([sys.executable, "-m", "lib_fluxq", "ui", "--models", str(models), "--port", str(port)],
-                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        app = subprocess.Popen([sys.executable, "-m", "lib_fluxq", "ui", "--models", str(models), "--port", str(port),
+                                *extra], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 180

@@ -92,6 +92,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "Default: ./models")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7870, help="port (default 7870; 0 picks a free one)")
+    parser.add_argument("--auth", metavar="USER:PASSWORD",
+                        help="ask for this login (as the WebUI's --gradio-auth); use it when --host lets others in")
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    """``USER:PASSWORD`` -> (user, password); None when not given."""
+    if text is None:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise FluxqError("--auth: give USER:PASSWORD (both non-empty), e.g. --auth anna:a-long-passphrase")
+    return user, password
 
 
 def page_assets() -> tuple[str, str]:
@@ -125,13 +137,17 @@ def run(args: argparse.Namespace) -> int:
     _check_models_folder(models)
     if not 0 <= args.port <= 65535:
         raise FluxqError(f"--port {args.port}: give a port between 1 and 65535 (0: any free port)")
+    auth = parse_auth(getattr(args, "auth", None))
     _import_gradio()
     app = build_app(models)
     app.queue(max_size=QUEUE_SIZE)
     print(f"Flux Quant for {models}")
+    if auth is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"Note: {args.host} lets other machines reach this page with no login; add --auth USER:PASSWORD "
+              "(docs/tab.md, Exposing the WebUI)")
     from starlette.middleware import Middleware
     app.launch(server_name=args.host, server_port=args.port or None, inbrowser=False, show_api=False,
-               quiet=False, app_kwargs={"middleware": [Middleware(OfflinePage)]})
+               quiet=False, auth=auth, app_kwargs={"middleware": [Middleware(OfflinePage)]})
     return 0
 
 
