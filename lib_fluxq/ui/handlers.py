@@ -336,6 +336,13 @@ def new_listing(scan_paths: list[str]) -> Listing | None:
                    **({"model_folders": folders} if folders else {}))
 
 
+def scan_models(paths: list[str]) -> list[Any] | None:
+    """Inspector reports of the model files under ``paths``, as the tab lists them: each real file once, links that
+    lead out of the folders not read (None when lib_fluxq.inspect is not installed)."""
+    listing = new_listing(paths)
+    return None if listing is None else [f.report for f in listing.rescan() if f.report is not None]
+
+
 def inventory(listing: Listing | None, plan: Plan) -> Inventory | None:
     """Rescan the folders and judge each file for ``plan``."""
     if listing is None:
