@@ -17,7 +17,7 @@ TORCH_PIN ?= torch==2.13.0
 	.venv-test/bin/python -m pip install -q -r requirements-test.txt
 	touch $@
 
-# The main job: the quantization-level table on the embedded Flux slice (about a minute on two CPU cores).
+# The main job: the quantization-level table on the embedded Flux slice (about a minute on two idle CPU cores).
 demo: .venv-demo/.ready
 	.venv-demo/bin/python -m lib_fluxq compare --plot out/compare.png
 

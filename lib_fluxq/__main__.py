@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return _fail(str(path_error(os.fsdecode(exc.filename), exc)))
         return _fail(f"{exc.strerror or exc} (check the disk and the paths given)")
+    except ImportError as exc:  # a runtime dependency missing or broken in this environment
+        what = f"the Python package '{exc.name}'" if exc.name else "a Python package"
+        return _fail(f"{what} cannot be imported ({exc.msg}); install the runtime requirements: "
+                     "pip install -r requirements.txt (and requirements-ui.txt for the tab)")
     except MemoryError:
         return _fail("out of memory (close other programs, or use smaller --blocks / --res)")
     except Exception as exc:  # a bug in fluxq: one line, and the traceback only on request

@@ -25,7 +25,7 @@ GB = 1e9  # published Flux file sizes are decimal gigabytes
 PIXELS_PER_TOKEN = 16  # Flux: 8x VAE downscale, then 2x2 patches
 
 # Defaults: a real file gets Forge's usual portrait size and T5's full 512 tokens; the embedded synthetic slice
-# gets fewer tokens so the demo finishes in about a minute on two CPU cores.
+# gets fewer tokens so the demo finishes in about a minute on two idle CPU cores.
 FILE_DEFAULTS = {"blocks": 3, "res": "512x768", "text_tokens": 512}
 SYNTHETIC_DEFAULTS = {"blocks": 1, "res": "256x256", "text_tokens": 64}
 # VRAM is quoted for Flux's native image size, whatever --res the error measurement uses.
@@ -233,7 +233,7 @@ def _place_labels(ax: Any, labels: list[str], dots: list[tuple[float, float]]) -
             chosen = (radius + 3, 0.0, (px + radius + 3, px + radius + 3 + width, py - height / 2, py + height / 2))
         dx, dy, box = chosen
         taken.append(box)
-        leader = {"arrowstyle": "-", "color": "0.5", "lw": 0.6, "shrinkA": 0, "shrinkB": radius} if dy else None
+        leader = {"arrowstyle": "-", "color": "0.35", "lw": 0.7, "shrinkA": 0, "shrinkB": radius} if dy else None
         ax.annotate(labels[i], ax.transData.inverted().transform((px, py)), xytext=(dx / px_per_pt, dy / px_per_pt),
                     textcoords="offset points", fontsize=_LABEL_POINTS, va="center", ha="left", arrowprops=leader)
 

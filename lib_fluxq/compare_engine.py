@@ -42,25 +42,9 @@ from lib_fluxq.flux_model import (
     deterministic_inputs,
     image_token_grid,
 )
-from lib_fluxq.ops import swap_quantized_linears
-from lib_fluxq.quant import FORMATS, dequantize, quantize, resolve_qtype
-
-_FLOAT_QTYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
-
+from lib_fluxq.quant import FORMATS, dequantize, quantize
 
 # ============================================================================================ levels
-
-
-@dataclass(frozen=True)
-class PackedWeight:
-    """A GGUF-quantized weight in the shape ``swap_quantized_linears`` takes (like a mapped GGUF tensor)."""
-
-    qtype: GGMLQuantizationType
-    data: torch.Tensor
-    shape: tuple[int, ...]
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(self.data, self.qtype, self.shape, dtype)
 
 
 @dataclass(frozen=True)
@@ -396,7 +380,7 @@ def _build_block(kind: str, config: FluxConfig, tensors: dict[str, torch.Tensor]
 
 @dataclass
 class _Quantized:
-    module_weight: Any           # what the quantized block gets: PackedWeight (GGUF -> QuantLinear) or float tensor
+    module_weight: torch.Tensor  # what the quantized block holds: the dequantized float32 weight
     err_sq: float                # ||W_q - W||^2
     ref_sq: float                # ||W||^2
     n_bytes: int
@@ -410,9 +394,6 @@ def _quantize_weight(level: Level, result: LevelResult, raw: torch.Tensor | Chun
                      pool_cache: dict[int, tuple[Any, torch.Tensor, torch.Tensor]]) -> _Quantized:
     """Quantize one weight, through its chunk pool when it has one and the level is block-local."""
     shape = tuple(weight.shape)
-    quantized_qtype = resolve_qtype(level.name) if level.family == "gguf" else None
-    if quantized_qtype in _FLOAT_QTYPES:
-        quantized_qtype = None   # F16/BF16 rows: a plain Linear holding the rounded weights
     if isinstance(raw, ChunkedWeight) and level.block_local:
         key = id(raw.pool)
         if key not in pool_cache:
@@ -427,18 +408,13 @@ def _quantize_weight(level: Level, result: LevelResult, raw: torch.Tensor | Chun
         err_sq = float((error_pool.double().square().sum(dim=1) * counts).sum())
         ref_sq = float((raw.pool.double().square().sum(dim=1) * counts).sum())
         n_bytes = level.packed_bytes(packed_pool) * weight.numel() // raw.pool.numel()
-        if quantized_qtype is not None:   # the matrix's GGUF bytes are its chunks' bytes, row after row
-            module_weight: Any = PackedWeight(quantized_qtype, packed_pool[raw.index].reshape(-1), shape)
-        else:
-            module_weight = restored_pool[raw.index].reshape(shape)
-        return _Quantized(module_weight, err_sq, ref_sq, n_bytes)
+        # every level is block-local here: the matrix's dequantized weights are its chunks' dequantized weights
+        return _Quantized(restored_pool[raw.index].reshape(shape), err_sq, ref_sq, n_bytes)
     started = time.perf_counter()
     packed = level.quantize(weight)
     result.quant_seconds = (result.quant_seconds or 0.0) + time.perf_counter() - started
     restored = _timed_dequantize(level, result, packed, shape)
-    module_weight = (PackedWeight(quantized_qtype, packed.reshape(-1), shape) if quantized_qtype is not None
-                     else restored)
-    return _Quantized(module_weight, _sq_norm(restored - weight), _sq_norm(weight), level.packed_bytes(packed))
+    return _Quantized(restored, _sq_norm(restored - weight), _sq_norm(weight), level.packed_bytes(packed))
 
 
 # The dequant speed column is the best of several runs of this thread's CPU time with torch on one thread: wall time
@@ -462,7 +438,7 @@ def _one_torch_thread() -> Iterator[None]:
 
 def _timed_dequantize(level: Level, result: LevelResult, packed: Any, shape: tuple[int, ...]) -> torch.Tensor:
     """Dequantize, timing the fastest of a few single-thread runs (CPU time of this thread)."""
-    runs = _DEQUANT_RUNS if math.prod(shape) < (1 << 22) else 2
+    runs = _DEQUANT_RUNS if math.prod(shape) < (1 << 22) else 1  # large: long enough for one run
     best = math.inf
     with _one_torch_thread():
         for _ in range(runs):
@@ -480,11 +456,11 @@ def measure_level_on_block(level: Level, result: LevelResult, kind: str, index: 
     """Quantize every 2-D weight of one block with ``level``, accumulate weight statistics, run the block.
 
     ``tensors`` are the block's dense float32 tensors, ``raw`` the same as the source gave them (chunked or not).
-    GGUF types run through the engine's QuantLinear (packed bytes, dequantized in every forward), installed by the
-    same swap helper the loader uses; NF4 / FP8 / F16 / BF16 blocks hold their dequantized weights.
+    The quantized block holds the dequantized weights in plain Linears: the engine's QuantLinear, which keeps the
+    packed bytes and dequantizes in each forward, gives bit for bit the same output (tests/test_ops.py), and
+    dequantizing once per level instead of once more in the forward halves the demo's time.
     """
     block_tensors = dict(tensors)
-    packed_entries: dict[str, Any] = {}
     pool_cache: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}
     for name, weight in tensors.items():
         if not (weight.dim() == 2 and name.endswith(".weight")):
@@ -494,18 +470,9 @@ def measure_level_on_block(level: Level, result: LevelResult, kind: str, index: 
         result._ref_sq += q.ref_sq
         result._bytes += q.n_bytes
         result._elements += weight.numel()
-        if isinstance(q.module_weight, PackedWeight):
-            bias_name = name[:-len("weight")] + "bias"
-            packed_entries[name] = q.module_weight
-            if bias_name in tensors:
-                packed_entries[bias_name] = tensors[bias_name]
-        else:
-            block_tensors[name] = q.module_weight
+        block_tensors[name] = q.module_weight
     del pool_cache
-    # Linears about to be swapped keep the reference tensors meanwhile: swap replaces the modules, never writes them.
     quantized = _build_block(kind, config, block_tensors)
-    if packed_entries:
-        swap_quantized_linears(quantized, packed_entries, strict=False)
     update, output = _block_update(kind, quantized, inputs)
     result.per_block.append(BlockResult(
         block=f"{kind}_blocks.{index}",

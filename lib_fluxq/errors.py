@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+_MAX_TENSOR_NAME = 160
+
 
 class FluxqError(Exception):
     """Base class: a problem a user can act on, with a message meant for them."""
@@ -18,6 +20,8 @@ class FormatError(FluxqError):
     def __init__(self, path: str | os.PathLike[str] | None, reason: str, tensor: str | None = None,
                  fix: str | None = None) -> None:
         self.path = os.fspath(path) if path is not None else None
+        if tensor is not None and len(tensor) > _MAX_TENSOR_NAME:  # a damaged header can hold megabyte "names"
+            tensor = tensor[:_MAX_TENSOR_NAME] + "…"
         self.tensor = tensor
         self.reason = reason
         self.fix = fix

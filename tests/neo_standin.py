@@ -7,7 +7,8 @@ load path as Haoming02/sd-webui-forge-classic, branch neo; NEO_NOTES.md):
   tensor_type=, tensor_shape=)`` that shares the reader's memory map (F32/F16 viewed to their shape).
 - backend/operations_gguf.py: ``QUANTS_MAPPING`` keyed by the enum of Neo's vendored gguf, a SECOND module object
   next to a plain ``import gguf`` (Neo puts modules_forge/packages on sys.path too); ParameterGGUF without a copy in
-  ``__new__``; dequantize_tensor. Quant classes keep GGML layout and dequantize with that copy's numpy reference.
+  ``__new__``; dequantize_tensor. Quant classes are Forge's (tests/forge_standin.py: Q4_0 / Q4_1 / Q8_0 / Q4_K
+  re-lay their bytes at bake and compute in the computation dtype; the others keep GGML layout), typed by Neo's enum.
 - backend/loader.py: ``_load_unet`` / ``split_state_dict`` call the module's own ``load_torch_file(...,
   return_metadata=True)``; ``replace_state_dict(sd, asd, guess, path)`` (city96 T5 names remapped for .gguf, any
   VAE replaces the model's own, CLIP-L by model type, T5); ``forge_loader`` (Kontext chosen by file name: "kontext"
@@ -48,7 +49,7 @@ import safetensors
 import torch
 
 from tests import webui_standin as webui
-from tests.forge_standin import CITY96_T5, FLUX_TEST_KEY, LEGACY_TEST_KEY, SD3_TEST_KEY, Engine, Guess
+from tests.forge_standin import CITY96_T5, FLUX_TEST_KEY, FORGE_BAKED, LEGACY_TEST_KEY, SD3_TEST_KEY, Engine, Guess
 
 NEO_REPOSITORY = "exo101/sd-webui-forge-neo-v3"
 NEO_COMMIT = "f95f632a107b64337b053f3e7719ac86165aa290"   # webui/: Forge Neo 2.26
@@ -639,9 +640,12 @@ def install(models_path: Path) -> dict[str, types.ModuleType]:
     og.gguf = neo_gguf
     og.QUANTS_MAPPING = {}
     for name in NEO_GGUF_TYPES:
+        # Neo's quants.py keeps Forge's classes (Q4_0 / Q4_1 / Q8_0 / Q4_K re-lay their bytes at bake); keyed and
+        # typed by Neo's own enum
         qtype = neo_gguf.GGMLQuantizationType[name]
+        base = FORGE_BAKED.get(gguf.GGMLQuantizationType[name], _NeoQuant)
         block, size = neo_gguf.GGML_QUANT_SIZES[qtype]
-        og.QUANTS_MAPPING[qtype] = type(name, (_NeoQuant,), {"qtype": qtype, "block_size": block, "type_size": size})
+        og.QUANTS_MAPPING[qtype] = type(name, (base,), {"qtype": qtype, "block_size": block, "type_size": size})
     og.ParameterGGUF = ParameterGGUF
     og.dequantize_tensor = dequantize_tensor
     utils = m["backend.utils"]

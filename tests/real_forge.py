@@ -39,6 +39,10 @@ def api(path: str, payload: dict | None = None, timeout: float = 30) -> dict:
     return real_webui.api(URL, path, payload, timeout)
 
 
+def api_status(path: str, payload: dict | None = None, timeout: float = 30) -> tuple[int, dict]:
+    return real_webui.api_status(URL, path, payload, timeout)
+
+
 def forge_args(data_dir: Path) -> list[str]:
     return [forge_python(), "launch.py", "--always-cpu", "--api", "--skip-prepare-environment", "--skip-install",
             "--skip-torch-cuda-test", "--skip-python-version-check", "--skip-version-check", "--do-not-download-clip",

@@ -93,9 +93,10 @@ def build_neo_models(data_dir: Path) -> dict[str, Path]:
 
 
 def seconds_per_step(log_text: str) -> float | None:
-    """The sampler's last tqdm rate in this log ("… 1/1 [01:15<00:00, 75.31s/it]" or "1.30it/s")."""
-    rates = re.findall(r"(\d+(?:\.\d+)?)(s/it|it/s)\]", log_text)
-    if not rates:
+    """The sampler's last tqdm rate in this log ("100%|...| 1/1 [03:02<00:00, 182.45s/it]"); Neo's "Total progress"
+    bar (which also counts the VAE) starts with its label and is left out."""
+    bars = re.findall(r"(?:^|\r|\n|\x1b\[A)\d+%\|[^|]*\| *\d+/\d+ \[[^\]]*?(\d+(?:\.\d+)?)(s/it|it/s)\]", log_text)
+    if not bars:
         return None
-    value, unit = rates[-1]
+    value, unit = bars[-1]
     return float(value) if unit == "s/it" else 1.0 / float(value)

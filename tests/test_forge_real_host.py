@@ -27,6 +27,7 @@ from tests.real_forge import (
     GB,
     URL,
     api,
+    api_status,
     assert_clean_startup,
     build_flux_models,
     build_sd15_models,
@@ -37,7 +38,6 @@ from tests.real_forge import (
     requires_forge,
     running_forge,
 )
-from tests.real_webui import api_status
 
 pytestmark = requires_forge
 FLUX = {"prompt": "a cat", "width": 64, "height": 64, "steps": 1, "cfg_scale": 1.0, "distilled_cfg_scale": 3.5,
@@ -49,7 +49,7 @@ SD = {"prompt": "a cat", "width": 64, "height": 64, "steps": 1, "cfg_scale": 7.0
 def test_real_forge_sd15_after_flux_names_no_flux_module(tmp_path_factory: pytest.TempPathFactory) -> None:
     with model_data_dir(tmp_path_factory, "FLUXQ_FORGE_HOST_DATA", "forge_host") as data_dir:
         flux, sd15 = build_flux_models(data_dir), build_sd15_models(data_dir)
-        with running_forge(data_dir) as (forge, log_path):
+        with running_forge(data_dir, start_timeout=900) as (forge, log_path):
             assert_clean_startup(log_path.read_text())
             by_name = {Path(m["filename"]).name: m["filename"] for m in api("/sdapi/v1/sd-modules")}
             selection = [by_name[flux[k].name] for k in ("clip", "t5", "ae")]
@@ -79,17 +79,19 @@ def test_real_forge_sd15_after_flux_names_no_flux_module(tmp_path_factory: pytes
 def test_real_forge_pairing_off_is_forges_own_error(tmp_path_factory: pytest.TempPathFactory) -> None:
     with model_data_dir(tmp_path_factory, "FLUXQ_FORGE_HOST_DATA", "forge_host") as data_dir:
         flux = build_flux_models(data_dir)
-        with running_forge(data_dir) as (forge, log_path):
+        with running_forge(data_dir, start_timeout=900) as (forge, log_path):
             assert_clean_startup(log_path.read_text())
             api("/sdapi/v1/options", {"sd_model_checkpoint": flux["flux"].name, "forge_additional_modules": [],
                                       "fluxq_pair_components": False})
-            offset = len(log_path.read_text())
-            started = time.time()
-            with peak_rss(forge.pid) as rss:
-                status, body = api_status("/sdapi/v1/txt2img", FLUX, timeout=3000)
-            seconds = time.time() - started
-            api("/sdapi/v1/options", {"fluxq_pair_components": True})
-            log = log_path.read_text()[offset:]
+            try:
+                offset = len(log_path.read_text())
+                started = time.time()
+                with peak_rss(forge.pid) as rss:
+                    status, body = api_status("/sdapi/v1/txt2img", FLUX, timeout=3000)
+                seconds = time.time() - started
+                log = log_path.read_text()[offset:]
+            finally:   # the data dir's config keeps options: the next test must find pairing on
+                api("/sdapi/v1/options", {"fluxq_pair_components": True})
     print("REAL FORGE 16.5:", json.dumps({"status": status, "body": body, "seconds": round(seconds, 1),
                                           "peak_rss_gb": round(rss["peak"] / GB, 2)}, indent=1))
     assert status == 500 and "You do not have CLIP state dict!" in json.dumps(body), body
@@ -104,7 +106,7 @@ def test_real_forge_missing_parts_are_one_line(tmp_path_factory: pytest.TempPath
         lonely = tmp_path / "lonely"
         os.makedirs(lonely / "models" / "Stable-diffusion")
         os.link(flux["flux"], lonely / "models" / "Stable-diffusion" / flux["flux"].name)
-        with running_forge(lonely) as (forge, log_path):
+        with running_forge(lonely, start_timeout=900) as (forge, log_path):
             assert_clean_startup(log_path.read_text())
             api("/sdapi/v1/options", {"sd_model_checkpoint": flux["flux"].name, "forge_additional_modules": []})
             offset = len(log_path.read_text())

@@ -13,15 +13,26 @@ so Forge really switches models. Checks: the requests succeed; images come back 
 of 8); the infotext carries the ``fluxq refine`` keys; Forge's console shows exactly one refine model load per job
 (two batches in the first job), with no additional modules for it while the first pass loaded the user's module; the
 user's checkpoint and modules are back in /sdapi/v1/options afterwards and the next job loads them again; no
-traceback through our code. Needs ~2.5 GB disk, ~13 GB RAM (Forge keeps SD1.5 in fp32 on CPU; peak RSS 12.1 GB
-here) and about a minute on a 2-core CPU.
+traceback through our code. Issue 16 items 1 and 4 with SD first (the same cause as with Flux, minutes faster): in
+the second job the refine pass peaks no more than 1 GB above the first pass (the finished job's sampler kept the
+first-pass model, ~4 GB as fp32, while the refine model loaded), RSS at rest afterwards is at most 1 GB above SD
+alone at rest; every returned PNG's own ``parameters`` is the job's infotext (first-pass model, fluxq keys, not the
+refine img2img's denoise). Needs ~2.5 GB disk, ~13 GB RAM (Forge keeps SD1.5 in fp32 on CPU) and a few minutes.
 
 ``test_real_forge_flux_then_sd15_refine``: the product's workflow — the user selected the Flux GGUF with clip_l,
 t5xxl and ae as forge_additional_modules; one 64x64 Flux txt2img (1 step) with refine on (the SD1.5 checkpoint,
 scale 1.5, faces on). Checks: the request succeeds; the image is 96x96; Forge's console shows the Flux load with the
 three modules, then ONE load of the SD1.5 checkpoint with ``'additional_modules': []`` (the Flux ae/T5/CLIP-L must
 not be merged into the SD model, Forge #2255); the user's checkpoint and modules are back afterwards; the infotext
-has the refine keys; no traceback through our code. Needs ~8 GB disk and a few minutes on a 2-core CPU.
+has the refine keys; no traceback through our code. Issue 16: (1) the peak RSS of the SD pass (from Forge's
+"Loading Model: …sd15" line on) is no higher than the Flux pass's, and RSS at rest afterwards is at most 1 GB above
+SD alone at rest (measured first, in the same Forge); (4) the returned PNG's own ``parameters`` carry the Flux
+parameters (steps, distilled CFG, model) and the fluxq keys, not the SD img2img's; (6) the refine checkpoint dropdown
+in the served page (gradio /config) offers the two SD1.5 checkpoints and not the Flux GGUF. Needs ~8 GB disk; one
+Flux step takes minutes on a 2-core CPU (far more when other jobs share it).
+
+``test_real_forge_face_pass_on_astronaut``: the face pass inside a real Forge on a real face (scikit-image's
+astronaut), img2img with refine and faces on — see its docstring.
 
 Model files live in pytest temp dirs and are removed afterwards, unless FLUXQ_FORGE_REFINE_DATA /
 FLUXQ_FORGE_FLUX_REFINE_DATA name data dirs to keep them in for the next run.

@@ -76,8 +76,10 @@ def test_edit_variant_is_chosen_by_file_name(neo: Host) -> None:
 # merge-once LoRA
 
 
-def _gguf_layer(neo: Host, tmp_path: Path, qtype: T) -> tuple[torch.nn.Module, np.ndarray]:
-    """A model with one GGUF Linear loaded by Neo's load_torch_file from a real file; its ggml-dequantized weight."""
+def _gguf_layer(neo: Host, tmp_path: Path, qtype: T,
+                computation: torch.dtype = torch.float32) -> tuple[torch.nn.Module, np.ndarray]:
+    """A model with one GGUF Linear loaded by Neo's load_torch_file from a real file (its computation dtype set as
+    Neo's Linear does at load: float32 on a CPU, float16 / bfloat16 on a GPU); its ggml-dequantized weight."""
     rng = np.random.default_rng(3)
     weight = (rng.standard_normal((ROWS, COLS)) / COLS**0.5).astype(np.float32)
     packed = ggml_ref.quantize(weight, qtype)
@@ -89,18 +91,20 @@ def _gguf_layer(neo: Host, tmp_path: Path, qtype: T) -> tuple[torch.nn.Module, n
     writer.write_tensors_to_file()
     writer.close()
     param = neo.m["backend.utils"].load_torch_file(str(path))["layer.weight"]
+    param.computation_dtype = computation
     model = torch.nn.Module()
     model.layer = neo_standin.GGUFLinear(param)
     return model, ggml_ref.dequantize(packed.reshape(-1), qtype, ROWS * COLS).reshape(ROWS, COLS)
 
 
-def _select_gguf(neo: Host, setting_on: bool, dtype: str = "Automatic") -> None:
+def _select_gguf(neo: Host, setting_on: bool, dtype: str = "Automatic", forward: bool = True) -> None:
     hook.register_callbacks()
     for callback in neo.m["modules.script_callbacks"].callbacks.ui_settings:
         callback()
     opts = neo.opts()
     opts.data["forge_unet_storage_dtype"] = dtype
     opts.data[lora_merge.SETTING] = setting_on
+    opts.data["fluxq_gguf_forward"] = forward   # off: Neo's own classes (and their byte layouts) serve the weights
     neo.select(neo.flux_gguf(), [])
 
 
@@ -112,8 +116,7 @@ def _patcher(neo: Host, model: torch.nn.Module, delta: torch.Tensor) -> Any:
 
 
 def _forward_weight(model: torch.nn.Module) -> np.ndarray:
-    """The weight the layer really multiplies with: its output for the identity matrix (float32 throughout)."""
-    model.layer.weight.computation_dtype = torch.float32
+    """The weight the layer really multiplies with: its output for the identity matrix."""
     return model.layer(torch.eye(COLS)).T.numpy()
 
 
@@ -132,22 +135,33 @@ def test_neo_alone_applies_lora_to_gguf_at_every_step(neo: Host, tmp_path: Path)
         assert len(merges) == step + 1                              # merged again at this step
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q6_K, T.IQ4_XS], ids=lambda q: q.name)
+# Neo's GGUF layers always compute in float16 / bfloat16 (operations.py: anything else becomes float16); fluxq's own
+# classes read GGML bytes at any dtype, so float32 there checks the merge exactly.
+MERGE_CASES = [(q, True, torch.float32) for q in (T.Q4_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q6_K, T.IQ4_XS)] + \
+    [(q, False, torch.float16) for q in (T.Q4_0, T.Q8_0, T.Q4_K, T.Q5_1)] + [(T.Q4_0, False, torch.bfloat16)]
+
+
+@pytest.mark.parametrize(("qtype", "forward", "computation"), MERGE_CASES,
+                         ids=lambda v: getattr(v, "name", None) or str(v).replace("torch.", ""))
 def test_merge_once_requantizes_and_unpatch_puts_the_original_back(neo: Host, tmp_path: Path, qtype: T,
+                                                                 forward: bool, computation: torch.dtype,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Merged once, re-quantized to the same type in the layout the serving class reads (fluxq's GGML classes, or
+    Neo's own with ``forward`` off, whose Q4_0 / Q8_0 / Q4_K bytes are re-laid at bake in the computation dtype);
+    no per-step LoRA afterwards; removing the LoRA puts the original parameter object back."""
     assert can_requantize(qtype)
-    _select_gguf(neo, setting_on=True)
+    _select_gguf(neo, setting_on=True, forward=forward)
     assert neo.m["backend.args"].dynamic_args.online_lora is False
-    model, base = _gguf_layer(neo, tmp_path, qtype)
+    model, base = _gguf_layer(neo, tmp_path, qtype, computation)
     original = model.layer.weight
-    original_bytes = original.data.clone()
     delta = torch.from_numpy(np.random.default_rng(5).standard_normal((ROWS, COLS)).astype(np.float32)) * 0.02
     patcher = _patcher(neo, model, delta)
     patcher.load()
     assert "LoRA merged into 1 GGUF layers and re-quantized" in capsys.readouterr().out
+    original_bytes = original.data.clone()   # baked by the merge (as Neo bakes before the first forward)
     merged_param = model.layer.weight
     assert type(merged_param) is type(original) and merged_param.gguf_cls is original.gguf_cls
-    assert merged_param.data.dtype == torch.uint8 and merged_param.data.numel() == original_bytes.numel()
+    assert merged_param.data.dtype == original_bytes.dtype and merged_param.data.shape == original_bytes.shape
     merges = neo.m["backend.patcher.base"].merges
     got = _forward_weight(model)
     _forward_weight(model)
@@ -157,11 +171,14 @@ def test_merge_once_requantizes_and_unpatch_puts_the_original_back(neo: Host, tm
     fresh_error = float(np.abs(ggml_ref.dequantize(fresh.reshape(-1), qtype, merged.size).reshape(merged.shape)
                                - merged).max())
     error = float(np.abs(got - merged).max())
-    assert error <= fresh_error * (1 + 1e-6) + 1e-7, (error, fresh_error)
+    if computation == torch.float32:
+        assert error <= fresh_error * (1 + 1e-6) + 1e-7, (error, fresh_error)
+    else:   # Neo itself computes with (and merges into) the weight rounded to its computation dtype
+        rounding = float(np.abs(merged).max()) * 2.0 ** (-7 if computation == torch.bfloat16 else -10)
+        assert error <= fresh_error * 1.5 + 2 * rounding, (error, fresh_error, rounding)
     assert error < float(np.abs(merged - base).max())              # the LoRA is really in there
     patcher.unpatch_model()
-    assert model.layer.weight is original and torch.equal(original.data.reshape(-1),
-                                                          original_bytes.reshape(-1).to(original.data.dtype))
+    assert model.layer.weight is original and torch.equal(original.data, original_bytes)
 
 
 def test_merge_once_keeps_the_users_fp16_lora_choice_and_switches_back(neo: Host) -> None:

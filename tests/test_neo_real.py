@@ -88,15 +88,17 @@ def _decode(encoded: str) -> Image.Image:
 def _generate(data_dir: Path, files: dict[str, Path], case: Case, with_fluxq: bool,
               options: dict | None = None) -> dict:
     """One fresh Neo, the case's selection, one txt2img; what happened."""
-    with running_neo(data_dir, with_fluxq) as (neo, log_path):
+    with running_neo(data_dir, with_fluxq, start_timeout=900) as (neo, log_path):
         startup = log_path.read_text()
         if with_fluxq:
             assert "[fluxq] Forge load hook active" in startup, startup[-3000:]
         assert_clean_startup(startup)
         by_name = {Path(m["filename"]).name: m["filename"] for m in api("/sdapi/v1/sd-modules")}
+        # fluxq's settings stay in the data dir's config between starts: say each one this run depends on
+        settings = {"fluxq_lora_merge": False, **(options or {})} if with_fluxq else {}
         api("/sdapi/v1/options", {"sd_model_checkpoint": files[case.checkpoint].name,
                                   "forge_additional_modules": [by_name[files[k].name] for k in case.modules],
-                                  **(options or {})})
+                                  **settings})
         payload = dict(SD_PAYLOAD if case.checkpoint == "sd15" else FLUX_PAYLOAD)
         if case.lora:
             payload["prompt"] += f" <lora:{LORA_NAME}:1>"
@@ -156,7 +158,7 @@ def test_real_neo_missing_parts_are_one_line(neo_files: tuple[Path, dict[str, Pa
     lonely = tmp_path / "lonely"
     os.makedirs(lonely / "models" / "Stable-diffusion")
     os.link(files["q4_0"], lonely / "models" / "Stable-diffusion" / files["q4_0"].name)
-    with running_neo(lonely) as (neo, log_path):
+    with running_neo(lonely, start_timeout=900) as (neo, log_path):
         assert_clean_startup(log_path.read_text())
         api("/sdapi/v1/options", {"sd_model_checkpoint": files["q4_0"].name, "forge_additional_modules": []})
         offset = len(log_path.read_text())
@@ -176,7 +178,7 @@ def test_real_neo_refine_via_api(neo_files: tuple[Path, dict[str, Path]]) -> Non
     """The product's workflow in Neo: a Flux image with "fluxq refine" on (SD1.5, scale 1.5, faces on); Neo keeps the
     ``hr_additional_modules=None`` crash, which the script's before_process guards (hires fix off here)."""
     data_dir, files = neo_files
-    with running_neo(data_dir) as (neo, log_path):
+    with running_neo(data_dir, start_timeout=900) as (neo, log_path):
         assert_clean_startup(log_path.read_text())
         by_name = {Path(m["filename"]).name: m["filename"] for m in api("/sdapi/v1/sd-modules")}
         user_modules = [by_name[files[k].name] for k in COMPANIONS]
@@ -218,7 +220,7 @@ def test_real_neo_tab_use_this(neo_files: tuple[Path, dict[str, Path]]) -> None:
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (requirements-test.txt)")
     SHOTS.mkdir(parents=True, exist_ok=True)
     data_dir, files = neo_files
-    with running_neo(data_dir) as (neo, log_path):
+    with running_neo(data_dir, start_timeout=900) as (neo, log_path):
         api("/sdapi/v1/options", {"sd_model_checkpoint": files["sd15"].name, "forge_additional_modules": []})
         with sync_api.sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=[

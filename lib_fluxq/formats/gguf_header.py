@@ -208,7 +208,7 @@ def _parse(stream: HeaderStream) -> GGUFHeader:
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 \
             or alignment & (alignment - 1):
-        raise FormatError(path, f"general.alignment must be a positive power of two, got {alignment!r}")
+        raise FormatError(path, "general.alignment is not a positive power of two", fix=_REFETCH)
 
     raw_infos = []
     for index in range(n_tensors):

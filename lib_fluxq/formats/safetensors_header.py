@@ -116,14 +116,15 @@ def _tensor_info(path: str, name: str, entry: object, data_start: int, data_size
         raise FormatError(path, f"entry is a {type(entry).__name__}, expected an object", tensor=name)
     dtype = entry.get("dtype")
     if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
-        raise FormatError(path, f"unknown dtype {dtype!r}", tensor=name,
+        shown = f" {dtype}" if isinstance(dtype, str) and len(dtype) <= 16 and dtype.isprintable() else ""
+        raise FormatError(path, f"unknown dtype{shown}", tensor=name,
                           fix="written by a newer safetensors? known: " + ", ".join(DTYPE_BITS))
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
-        raise FormatError(path, f"shape {shape!r} is not a list of non-negative integers", tensor=name)
+        raise FormatError(path, "shape is not a list of non-negative integers", tensor=name)
     offsets = entry.get("data_offsets")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
-        raise FormatError(path, f"data_offsets {offsets!r} is not [begin, end]", tensor=name)
+        raise FormatError(path, "data_offsets is not [begin, end]", tensor=name)
     begin, end = offsets
     n_elements = 1
     for s in shape:

@@ -155,19 +155,28 @@ def _wrap_load(original: Callable[..., Any], log: Callable[[str], None]) -> Call
     return load
 
 
+def _reads_ggml_layout(gguf_cls: type) -> bool:
+    from lib_fluxq.host.forge_gguf import FluxqQuant
+    return issubclass(gguf_cls, FluxqQuant)
+
+
 def _merge_requantize(patcher: Any, key: str, weight: Any, device_to: Any) -> Any:
     from backend.patcher import lora
 
     from lib_fluxq.lora import requantize
     from lib_fluxq.quant import FORMATS
     started = time.perf_counter()
-    gguf_cls = weight.gguf_cls
+    weight.gguf_cls.bake(weight)              # what the host does before the first forward anyway
+    gguf_cls = weight.gguf_cls                # after the bake: a bake may hand the parameter to another class
     qtype = next(q for q in FORMATS if q.name == gguf_cls.qtype.name)
-    gguf_cls.bake(weight)                     # what the host does before the first forward anyway
     device = device_to if device_to is not None else weight.device
     reader = weight.copy_with_data(weight.data.to(device))
-    reader.computation_dtype = torch.float32  # exact GGML values (the host's kernels, float32 output)
-    values = gguf_cls.dequantize_pytorch(reader).float().reshape(tuple(weight.shape))
+    if _reads_ggml_layout(gguf_cls):
+        reader.computation_dtype = torch.float32   # exact values from GGML bytes at any output dtype
+    # else: a host class whose bake wrote its computation dtype into the bytes (Q4_0 scales, ...) reads them back
+    # only in that dtype: the LoRA then lands on the weight as the host itself computes with it
+    # an own float32 copy: the host's merge adds in place, and a dequantizer may hand out a reused buffer
+    values = gguf_cls.dequantize_pytorch(reader).to(torch.float32, copy=True).reshape(tuple(weight.shape))
     values = lora.merge_lora_to_weight(patcher.patches[key], values, key, computation_dtype=torch.float32)
     packed = requantize(values, qtype)
     merged = weight.copy_with_data(packed.reshape(-1, gguf_cls.type_size).to(device))
