@@ -284,7 +284,8 @@ def test_catalog_levels_are_levels_the_advisor_knows():
 
 
 def test_jobs_refuse_a_second_writer_of_the_same_target(tmp_path):
-    runner = jobs.JobRunner()
+    # two conversions may run at once here, so "other" runs beside "a" (the per-kind limits have their own tests)
+    runner = jobs.JobRunner({"convert": jobs.Limit(2, 0), "download": jobs.Limit(2, 0)})
     gate = threading.Event()
 
     def slow(job: jobs.Job) -> str:
