@@ -59,6 +59,7 @@ from lib_fluxq.advisor.model import (
     vae_decode_bytes,
 )
 from lib_fluxq.errors import FluxqError
+from lib_fluxq.families import COMPANIONS, FAMILIES
 from lib_fluxq.families import HOSTS as HOST_TITLES
 from lib_fluxq.hardware import GIB, Hardware, detect
 
@@ -641,11 +642,12 @@ class Planner:
             return (not row["runs_here"], tier, row.get("fidelity_bits", 0) < 4, not full_size,
                     row["image_s"] if row["image_s"] is not None else math.inf)
 
-        others = [r for r in rows if r["family"] != self.model and r["level"] is not None and r["runs_here"]]
+        twin = self.family.same_weights_as or self.model   # Kontext / Krea / Klein Base: the row of their weights
+        others = [r for r in rows if r["family"] != twin and r["level"] is not None and r["runs_here"]]
         best = min(others, key=rank, default=None)
         if best is None or rank(best)[1] > 1:
             return {"families": rows}
-        mine = next(r for r in rows if r["family"] == self.model)
+        mine = next(r for r in rows if r["family"] == twin)
         mine_text = (f"{self.family.title} runs only at {mine['level']} ({mine['fit']}, ~{mine['image_s']} s per "
                      "image)" if mine["level"] else f"{self.family.title} does not fit")
         reason = (f"{mine_text} here; {best['title']} {best['level']} is {best['fit']} at {best['width']}x"
@@ -734,10 +736,11 @@ class Planner:
         family = (item.family or "unknown").lower()
         if item.error is not None:
             return (FileVerdict(item.name, family, None, size_gb, "unreadable", None, item.error), (5, item.name))
-        if family in ("t5xxl", "clip_l", "flux-ae", "vae"):
+        if family in ("t5xxl", "clip_l", "flux-ae", "vae") or family in COMPANIONS:
             return (FileVerdict(item.name, family, item.level, size_gb, "component", None,
                                 "text encoder / VAE: see text_encoder for where it goes"), (3, item.name))
-        if not family.startswith("flux") or family.endswith("lora"):
+        # a Flux-family transformer is what the family table says it is (Chroma's key does not start with "flux")
+        if family not in FAMILIES or FAMILIES[family].arch == "sd":
             return (FileVerdict(item.name, family, item.level, size_gb, "skipped", None,
                                 "not a Flux transformer"), (4, item.name))
         level = resolve_level(item.level)
