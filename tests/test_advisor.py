@@ -609,6 +609,48 @@ def test_family_hosts_are_respected() -> None:
         advise(card(12), model="flux3")
 
 
+def _family_folder(tmp_path: Path) -> Path:
+    """Header-faithful files of several families and parts (tests/family_files.py: real names and shapes)."""
+    from lib_fluxq.flux import CHROMA_HD, FLUX2_KLEIN_4B
+    from tests import family_files as ff
+
+    ff.write_sparse_gguf(tmp_path / "chroma-Q4_0.gguf", ff.flux_gguf_specs(CHROMA_HD, ff.Q.Q4_0), "flux")
+    ff.write_sparse_gguf(tmp_path / "klein-Q8_0.gguf", ff.flux_gguf_specs(FLUX2_KLEIN_4B, ff.Q.Q8_0), "flux")
+    ff.write_sparse_safetensors(tmp_path / "ae.safetensors", ff.vae_specs(16))
+    ff.write_sparse_safetensors(tmp_path / "te.safetensors", ff.llm_specs(ff.QWEN3_4B))
+    return tmp_path
+
+
+def test_every_familys_file_is_judged_with_its_own_geometry(tmp_path: Path) -> None:
+    """--models on a folder of several families: Chroma and Klein files are judged (not skipped as "not Flux") each
+    with its own family's plan; the VAE and the Qwen3 encoder are parts; Forge skips Klein, naming why."""
+    from lib_fluxq.inspect import scan
+
+    files = advisor.files_from_reports(scan([str(_family_folder(tmp_path))]))
+    hardware = card(12, "RTX 3060")
+    verdicts = {v.name: v for v in Planner(hardware, host="neo").rank_files(files)}
+    assert verdicts["chroma-Q4_0.gguf"].verdict == "fits" and verdicts["klein-Q8_0.gguf"].verdict == "fits"
+    klein = Planner(hardware, model="flux2-klein-4b", host="neo").estimate(
+        LEVELS["Q8_0"], weight_bytes=(tmp_path / "klein-Q8_0.gguf").stat().st_size)
+    assert verdicts["klein-Q8_0.gguf"].step_s == klein.step_s
+    assert {verdicts[n].verdict for n in ("ae.safetensors", "te.safetensors")} == {"component"}
+    forge = {v.name: v for v in Planner(hardware, host="forge").rank_files(files)}
+    assert forge["klein-Q8_0.gguf"].verdict == "skipped" and "does not run FLUX.2" in forge["klein-Q8_0.gguf"].reason
+    assert forge["chroma-Q4_0.gguf"].verdict == "fits"
+
+
+def test_gpu_weights_for_a_file_use_its_familys_geometry(tmp_path: Path) -> None:
+    """The hook's GPU Weights for a Klein 4B file is Klein's plan (its activations and reserve), not FLUX.1 dev's."""
+    path = _family_folder(tmp_path) / "klein-Q8_0.gguf"
+    hardware = card(24, "RTX 4090")
+    klein = Planner(hardware, model="flux2-klein-4b")
+    level = LEVELS["Q8_0"]
+    expected = klein._gpu_weights(level, klein.estimate(level), klein.reserve_bytes(level, 1024, 1024),
+                                  klein.weights(level)).value
+    assert advisor.gpu_weights_mb_for_file(str(path), hardware) == expected
+    assert expected != advise(hardware).gpu_weights_mb.value
+
+
 # ----------------------------------------------------------------------- issue 15: SVDQuant (Nunchaku) as a level
 def test_svdq_weights_match_the_published_file_and_an_independent_layout() -> None:
     """svdq-int4_r32-flux.1-dev.safetensors 6.77 GB (FAMILY_NOTES §6, also tests/test_families.py); the header-
@@ -676,7 +718,7 @@ def test_an_svdq_file_is_judged_for_the_host(tmp_path: Path) -> None:
     neo = Planner(card(12, "RTX 3060"), host="neo").rank_files(files)
     assert [(v.level, v.verdict) for v in neo] == [("SVDQ_INT4", "fits")]
     forge = Planner(card(12, "RTX 3060"), host="forge").rank_files(files)
-    assert forge[0].verdict == "won't fit" and "Forge" in forge[0].reason and "IQ" not in forge[0].reason
+    assert forge[0].verdict == "skipped" and "Forge" in forge[0].reason and "IQ" not in forge[0].reason
 
 
 # ------------------------------------------------------------------- issue 15: VRAM figures for every family

@@ -61,7 +61,7 @@ from lib_fluxq.advisor.model import (
     vae_decode_bytes,
 )
 from lib_fluxq.errors import FluxqError
-from lib_fluxq.families import FORMATS, runs_on
+from lib_fluxq.families import COMPANIONS, FAMILIES, FORMATS, runs_on
 from lib_fluxq.families import HOSTS as HOST_TITLES
 from lib_fluxq.flux import FLUX_DEV, FluxConfig
 from lib_fluxq.hardware import GIB, Hardware, detect
@@ -764,17 +764,41 @@ class Planner:
             verdicts.append((key, verdict))
         return [v for _, v in sorted(verdicts, key=lambda kv: kv[0])]
 
+    def _for_family(self, key: str) -> Planner:
+        """This machine and plan for another family's file (its own geometry, steps and host support)."""
+        if key == self.model:
+            return self
+        cache = self.__dict__.setdefault("_family_planners", {})
+        if key not in cache:
+            cache[key] = Planner(self.hardware, self.width, self.height, self.batch, model=key, host=self.host,
+                                 fluxq_loading=self.fluxq_loading)
+        return cache[key]
+
     def _judge(self, item: ModelFile, width: int, height: int) -> tuple[FileVerdict, tuple[Any, ...]]:
         size_gb = round(item.size_bytes / GB, 2)
         family = (item.family or "unknown").lower()
         if item.error is not None:
             return (FileVerdict(item.name, family, None, size_gb, "unreadable", None, item.error), (5, item.name))
-        if family in ("t5xxl", "clip_l", "flux-ae", "vae"):
+        if family in COMPANIONS or family in ("t5xxl", "clip_l", "flux-ae", "vae"):
+            where = f" (models/{COMPANIONS[family].folder})" if family in COMPANIONS else ""
             return (FileVerdict(item.name, family, item.level, size_gb, "component", None,
-                                "text encoder / VAE: see text_encoder for where it goes"), (3, item.name))
-        if not family.startswith("flux") or family.endswith("lora"):
+                                f"text encoder / VAE{where}: see text_encoder for which one the plan uses"),
+                    (3, item.name))
+        row = FAMILIES.get(family)
+        if row is None or row.arch == "sd" or family.endswith("lora"):
             return (FileVerdict(item.name, family, item.level, size_gb, "skipped", None,
-                                "not a Flux transformer"), (4, item.name))
+                                "not a Flux-family transformer"), (4, item.name))
+        if row.geometry is None:
+            return (FileVerdict(item.name, family, item.level, size_gb, "skipped", None,
+                                f"{row.title}: {row.note or 'no geometry to plan with'}"), (4, item.name))
+        if family != self.model:
+            verdict, key = self._for_family(family)._judge(item, width, height)
+            return verdict, key
+        support = self.family.hosts.get(self.host)
+        if support is not None and not support.runs:
+            return (FileVerdict(item.name, family, item.level, size_gb, "skipped", None,
+                                f"{HOST_TITLES.get(self.host, self.host)} does not run {self.family.title}"
+                                + (f" ({support.note})" if support.note else "")), (4, item.name))
         level = resolve_level(item.level)
         if level is None:
             return (FileVerdict(item.name, family, item.level, size_gb, "skipped", None,
@@ -789,6 +813,8 @@ class Planner:
             return (FileVerdict(item.name, family, level.name, size_gb, "won't fit", None,
                                 "no GPU: Flux on CPU is impractical" + reason_extra), (2, item.name))
         est = self.estimate(level, width, height, weight_bytes=weights)
+        if est.fit == "unsupported":   # the host, the family or this card cannot run the format at all
+            return (FileVerdict(item.name, family, level.name, size_gb, "skipped", None, est.note), (4, item.name))
         if not level.stock_forge and level.kind == "gguf":
             reason_extra += "; stock Forge cannot load IQ types"
         if est.fit in ("resident", "near-resident"):
@@ -888,15 +914,18 @@ def gpu_weights_mb_for_file(path: str, hardware: Hardware | None = None, width: 
                             height: int = 1024) -> int | None:
     """Forge's "GPU Weights (MB)" for this very file (its level read from the header) on ``hardware``.
 
-    None when the file is not a Flux transformer whose level the advisor knows, or on Apple unified memory.
+    None when the file is not a Flux-family transformer (a family table row with a geometry) whose level the advisor
+    knows, or on Apple unified memory.
     """
     from lib_fluxq.inspect import inspect_file
 
     report = inspect_file(path)
     level = resolve_level(getattr(report, "level", None))
-    if getattr(report, "status", "ok") != "ok" or level is None or not str(report.family).startswith("flux"):
+    row = FAMILIES.get(str(getattr(report, "family", "")))
+    if getattr(report, "status", "ok") != "ok" or level is None or row is None or row.geometry is None:
         return None
-    planner = Planner(hardware or detect(os.path.dirname(path) or "."), width, height)
+    # the file's own family (FLUX.1, Chroma, FLUX.2): its geometry sets the weights and the compute reserve
+    planner = Planner(hardware or detect(os.path.dirname(path) or "."), width, height, model=row.key)
     if not planner.hardware.has_gpu:
         return None
     estimate = planner.estimate(level, width, height)
