@@ -623,7 +623,8 @@ def _family_folder(tmp_path: Path) -> Path:
 
 def test_every_familys_file_is_judged_with_its_own_geometry(tmp_path: Path) -> None:
     """--models on a folder of several families: Chroma and Klein files are judged (not skipped as "not Flux") each
-    with its own family's plan; the VAE and the Qwen3 encoder are parts; Forge skips Klein, naming why."""
+    with its own family's plan; the VAE and the Qwen3 encoder are parts; planning for Forge, Klein's verdict (the
+    card's) says that Forge does not run it."""
     from lib_fluxq.inspect import scan
 
     files = advisor.files_from_reports(scan([str(_family_folder(tmp_path))]))
@@ -635,7 +636,9 @@ def test_every_familys_file_is_judged_with_its_own_geometry(tmp_path: Path) -> N
     assert verdicts["klein-Q8_0.gguf"].step_s == klein.step_s
     assert {verdicts[n].verdict for n in ("ae.safetensors", "te.safetensors")} == {"component"}
     forge = {v.name: v for v in Planner(hardware, host="forge").rank_files(files)}
-    assert forge["klein-Q8_0.gguf"].verdict == "skipped" and "does not run FLUX.2" in forge["klein-Q8_0.gguf"].reason
+    klein_on_forge = forge["klein-Q8_0.gguf"]
+    assert klein_on_forge.verdict == "fits"
+    assert "Forge (dfdcbab6) does not run FLUX.2 [klein] 4B" in klein_on_forge.reason
     assert forge["chroma-Q4_0.gguf"].verdict == "fits"
 
 
@@ -718,7 +721,7 @@ def test_an_svdq_file_is_judged_for_the_host(tmp_path: Path) -> None:
     neo = Planner(card(12, "RTX 3060"), host="neo").rank_files(files)
     assert [(v.level, v.verdict) for v in neo] == [("SVDQ_INT4", "fits")]
     forge = Planner(card(12, "RTX 3060"), host="forge").rank_files(files)
-    assert forge[0].verdict == "skipped" and "Forge" in forge[0].reason and "IQ" not in forge[0].reason
+    assert forge[0].verdict == "won't fit" and "Forge" in forge[0].reason and "IQ" not in forge[0].reason
 
 
 # ------------------------------------------------------------------- issue 15: VRAM figures for every family

@@ -436,3 +436,22 @@ def test_missing_parts_get_the_file_the_free_ram_affords():
     assert handlers.part_download("ae").filename == families.companion("ae").downloads[0].path
     cell = handlers.missing_cell(["t5xxl", "ae"], threshold)
     assert get_buttons(cell) == {"t5xxl": full.key, "ae": handlers.catalog.for_part("ae")[0].key}
+
+
+def test_comparison_from_the_tab_names_no_command_line_flag(tmp_path):
+    """A comparison started from the tab: the plot's every text (title, axes, labels) and the table's cells name
+    no command-line flag; the plot file is written where the tab asked."""
+    from lib_fluxq import compare
+    flag = re.compile(r"(?<![\w-])--?[a-z][\w-]*|python -m")
+    runner = jobs.JobRunner()
+    plot = tmp_path / "plot.png"
+    job = runner.wait(handlers.start_compare(runner, None, "Q8_0,Q4_1", str(plot)).id, 600)
+    assert job.state == jobs.DONE, job.result
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figure = compare.build_figure(job.payload)
+    texts = [a.get_text() for a in figure.findobj(lambda a: hasattr(a, "get_text")) if a.get_text()]
+    assert any("error vs size" in t for t in texts)
+    assert not [t for t in texts if flag.search(t)], texts
+    rows = handlers.compare_rows(job.payload)
+    assert [r[0] for r in rows] == ["Q8_0", "Q4_1"]
+    assert not [c for r in rows for c in r if flag.search(c)], rows

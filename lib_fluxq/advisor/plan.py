@@ -676,11 +676,12 @@ class Planner:
             return (not row["runs_here"], tier, row.get("fidelity_bits", 0) < 4, not full_size,
                     row["image_s"] if row["image_s"] is not None else math.inf)
 
-        others = [r for r in rows if r["family"] != self.model and r["level"] is not None and r["runs_here"]]
+        twin = self.family.same_weights_as or self.model   # Kontext / Krea / Klein Base: the row of their weights
+        others = [r for r in rows if r["family"] != twin and r["level"] is not None and r["runs_here"]]
         best = min(others, key=rank, default=None)
         if best is None or rank(best)[1] > 1:
             return {"families": rows}
-        mine = next(r for r in rows if r["family"] == self.model)
+        mine = next(r for r in rows if r["family"] == twin)
         mine_text = (f"{self.family.title} runs only at {mine['level']} ({mine['fit']}, ~{mine['image_s']} s per "
                      "image)" if mine["level"] else f"{self.family.title} does not fit")
         reason = (f"{mine_text} here; {best['title']} {best['level']} is {best['fit']} at {best['width']}x"
@@ -794,17 +795,18 @@ class Planner:
         if family != self.model:
             verdict, key = self._for_family(family)._judge(item, width, height)
             return verdict, key
-        support = self.family.hosts.get(self.host)
-        if support is not None and not support.runs:
-            return (FileVerdict(item.name, family, item.level, size_gb, "skipped", None,
-                                f"{HOST_TITLES.get(self.host, self.host)} does not run {self.family.title}"
-                                + (f" ({support.note})" if support.note else "")), (4, item.name))
         level = resolve_level(item.level)
         if level is None:
             return (FileVerdict(item.name, family, item.level, size_gb, "skipped", None,
                                 f"unknown weight level '{item.level}'"), (4, item.name))
         weights = int(item.size_bytes)
         reason_extra = ""
+        # the verdict is the card's; a host that does not run the family says so in the reason (the tab plans
+        # without knowing its host, so the verdict itself must not depend on it)
+        support = self.family.hosts.get(self.host)
+        if support is not None and not support.runs:
+            reason_extra += (f"; {HOST_TITLES.get(self.host, self.host)} does not run {self.family.title}"
+                             + (f" ({support.note})" if support.note else ""))
         expected = self.weights(level)
         if weights > expected * 1.25:  # all-in-one checkpoint: text encoders and VAE ride along
             weights = expected
@@ -813,8 +815,6 @@ class Planner:
             return (FileVerdict(item.name, family, level.name, size_gb, "won't fit", None,
                                 "no GPU: Flux on CPU is impractical" + reason_extra), (2, item.name))
         est = self.estimate(level, width, height, weight_bytes=weights)
-        if est.fit == "unsupported":   # the host, the family or this card cannot run the format at all
-            return (FileVerdict(item.name, family, level.name, size_gb, "skipped", None, est.note), (4, item.name))
         if not level.stock_forge and level.kind == "gguf":
             reason_extra += "; stock Forge cannot load IQ types"
         if est.fit in ("resident", "near-resident"):

@@ -32,8 +32,12 @@ MODEL_COLUMNS = ["file", "folder", "family", "level", "size", "components", "ver
 CATALOG_COLUMNS = ["key", "file", "what", "size", "licence", "folder", "repository"]
 COMPARE_COLUMNS = ["level", "bits/w", "Flux-dev GB", "weight rRMSE", "block rel.err", "block cos", "dequant M/s"]
 CONVERTIBLE_LEVELS = ("F32", "F16", "BF16", "FP8 e4m3fn", "FP8 e5m2")
-# Families whose transformer "Use this", Convert and Compare work with (the family table's diffusion transformers)
+COMPARABLE_LEVELS = ("F32", "F16", "BF16")   # the comparison's reference must be full precision
+# Families whose transformer "Use this" and Convert work with (the family table's diffusion transformers)
 TRANSFORMER_FAMILIES = tuple(key for key, fam in families.FAMILIES.items() if fam.arch != "sd")
+# The comparison measures FLUX.1 blocks (compare_engine builds FLUX.1's DoubleStreamBlock / SingleStreamBlock);
+# Chroma's blocks lack the per-block modulation and FLUX.2's the biases, so their files are not offered there.
+COMPARE_ARCHS = ("flux1",)
 DEFAULT_MODEL = "flux-dev"
 SYNTHETIC = "(synthetic slice)"
 MAX_TEXT = 200   # longest free text (levels, output name) the tab accepts
@@ -167,6 +171,16 @@ def model_choices() -> list[tuple[str, str]]:
     model = optional("lib_fluxq.advisor.model")   # the advisor's family rows (advisor/__init__ does not re-export)
     planned = model.planned_families() if model is not None else []
     return [(fam.title, fam.key) for fam in planned] or [(families.FAMILIES[DEFAULT_MODEL].title, DEFAULT_MODEL)]
+
+
+def planned_keys() -> set[str]:
+    """The family keys the advisor plans for (the family table's rows with a geometry)."""
+    return {key for _, key in model_choices()}
+
+
+def model_for(family: str | None, model: str) -> str:
+    """The family to plan a file with: its own when the advisor plans for it, else the chosen ``model``."""
+    return family if family in planned_keys() else model
 
 
 def _family_key(model: Any) -> str:
@@ -355,9 +369,15 @@ def inventory(listing: Listing | None, plan: Plan) -> Inventory | None:
     if advisor is None:
         note = "verdicts need lib_fluxq.advisor, which is not available yet in this install"
     else:
-        planner = advisor.Planner(plan.hardware, plan.width, plan.height, model=plan.model)
-        for verdict in planner.rank_files(advisor.files_from_reports(reports)):
-            verdicts[verdict.name] = verdict
+        # each file judged as its own family (a FLUX.2 [dev] Q4 weighs 19 GB, a FLUX.1 Q4 7 GB); files the advisor
+        # has no geometry for (text encoders, VAEs, unknown variants) by the family planned for
+        groups: dict[str, list[Any]] = {}
+        for item in advisor.files_from_reports(reports):
+            groups.setdefault(model_for(item.family, plan.model), []).append(item)
+        for model, group in groups.items():
+            planner = advisor.Planner(plan.hardware, plan.width, plan.height, model=model)
+            for verdict in planner.rank_files(group):
+                verdicts[verdict.name] = verdict
     return Inventory(files, verdicts, note)
 
 
@@ -434,6 +454,11 @@ def is_convertible(entry: ListedFile) -> bool:
     return is_transformer(entry) and entry.report.level in CONVERTIBLE_LEVELS
 
 
+def is_comparable(entry: ListedFile) -> bool:
+    return (is_transformer(entry) and entry.report.level in COMPARABLE_LEVELS
+            and families.FAMILIES[entry.report.family].arch in COMPARE_ARCHS)
+
+
 def module_files(host: Any, listing: Listing | None) -> list[str]:
     """The host's text-encoder / VAE files that lie inside the model folders (a link leading out is never read)."""
     files = host.module_files()
@@ -476,6 +501,11 @@ def convertible_choices(inv: Inventory | None) -> list[str]:
     return [] if inv is None else [f.label for f in inv.files if is_convertible(f)]
 
 
+def comparable_choices(inv: Inventory | None) -> list[str]:
+    """Labels of the full-precision FLUX.1-family transformers the comparison measures."""
+    return [] if inv is None else [f.label for f in inv.files if is_comparable(f)]
+
+
 def find_checkpoint(listing: Listing | None, label: Any) -> ListedFile:
     if listing is None:
         raise FluxqError("listing model files needs lib_fluxq.inspect, which is not available yet")
@@ -486,6 +516,13 @@ def find_convertible(listing: Listing | None, label: Any) -> ListedFile:
     if listing is None:
         raise FluxqError("listing model files needs lib_fluxq.inspect, which is not available yet")
     return listing.find(label, is_convertible, "a full-precision or FP8 Flux transformer (F32 / F16 / BF16 / FP8)")
+
+
+def find_comparable(listing: Listing | None, label: Any) -> ListedFile:
+    if listing is None:
+        raise FluxqError("listing model files needs lib_fluxq.inspect, which is not available yet")
+    return listing.find(label, is_comparable, "a full-precision FLUX.1 transformer (F32 / F16 / BF16): the "
+                                              "comparison measures FLUX.1 blocks")
 
 
 # ---------------------------------------------------------------------------------------------------- use this
@@ -711,7 +748,7 @@ def start_convert(runner: jobs.JobRunner, source: ListedFile, qtype: Any, recipe
 
 def start_compare(runner: jobs.JobRunner, source: ListedFile | None, levels: Any, plot_path: str,
                   listing: Listing | None = None) -> jobs.Job:
-    """Queue a comparison on a listed full-precision ``source`` (``find_convertible``) or the synthetic slice."""
+    """Queue a comparison on a listed full-precision ``source`` (``find_comparable``) or the synthetic slice."""
     compare = optional("lib_fluxq.compare")
     if compare is None:
         raise FluxqError("the comparison needs lib_fluxq.compare, which is not available yet")

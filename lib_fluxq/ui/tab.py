@@ -110,11 +110,12 @@ class TabBuilder:
                     f'{"; " + html.escape(inventory.note) if inventory.note else ""}</div>')
         transformers = handlers.transformer_choices(inventory)
         sources = handlers.convertible_choices(inventory)
+        comparable = handlers.comparable_choices(inventory)
         return (handlers.recommendation_html(state["advice"], state["plan"], self.lora_mode()),
                 handlers.table_html(handlers.MODEL_COLUMNS, rows, wrap=("missing parts",)), note,
                 _update(choices=transformers, value=transformers[0] if transformers else None),
                 _update(choices=sources, value=sources[0] if sources else None),
-                _update(choices=[handlers.SYNTHETIC] + sources))
+                _update(choices=[handlers.SYNTHETIC] + comparable))
 
     # ------------------------------------------------------------------------------------------------- the jobs
     def watcher(self, kind: str) -> Callable[[list[int]], AsyncIterator[str]]:
@@ -218,7 +219,8 @@ class TabBuilder:
             return handlers.error_html("no Flux checkpoint found in your folders: get one below"), "", ""
         try:
             chosen_file = handlers.find_checkpoint(self.listing, checkpoint)   # before anything is opened
-            state = self.compute(*plan_args)
+            *machine, model = plan_args   # GPU Weights and size for the checkpoint's own family
+            state = self.compute(*machine, handlers.model_for(chosen_file.report.family, model))
             chosen = handlers.use_plan(chosen_file.real, handlers.module_files(self.host, self.listing),
                                        state["plan"], state["advice"])
             message = self.host.apply(chosen.checkpoint, chosen.modules, chosen.gpu_weights_mb)
@@ -328,7 +330,7 @@ class TabBuilder:
             plot = gr.Image(label="error vs size", type="filepath", interactive=False, elem_id="fluxq_compare_plot")
 
         def start(src: Any, text: Any) -> jobs.Job:
-            source = None if src == handlers.SYNTHETIC else handlers.find_convertible(self.listing, src)
+            source = None if src == handlers.SYNTHETIC else handlers.find_comparable(self.listing, src)
             plot_path = os.path.join(self.plot_dir, f"compare-{time.time_ns()}.png")
             return handlers.start_compare(self.runner, source, text, plot_path, listing=self.listing)
 
@@ -375,7 +377,7 @@ class TabBuilder:
             self.use_section(choices[3])
             self.download_section()
             self.convert_section(choices[4])
-            self.compare_section(choices[4])
+            self.compare_section(choices[5][1:])   # without the synthetic slice it adds itself
             self.wire_plan()
         return tab
 
