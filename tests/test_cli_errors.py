@@ -4,6 +4,7 @@ once with the broken ones last."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -36,6 +37,8 @@ COMMANDS = {
 # inputs a command accepts as they are: an empty folder is a valid (empty) models folder for advise and the tab, and
 # the tab creates a missing models folder on its first download.
 ACCEPTED = {"advise": {"empty_folder", "directory_as_file"}, "ui": {"empty_folder", "directory_as_file", "missing"}}
+# known gaps in code this file's owner does not own, each checked by its own xfail test below (reported to the lead)
+KNOWN_GAPS = {("ui", "no_read_permission_folder")}
 
 
 def _build_inputs(root: Path) -> dict[str, Path]:
@@ -97,10 +100,24 @@ def _build_inputs(root: Path) -> dict[str, Path]:
     cases["dangling_symlink"] = root / "dangling" / "model.safetensors"
     cases["missing"] = root / "nowhere" / "flux1-dev-Q4_0.gguf"
     cases["path_through_a_file"] = cases["passwd_text"] / "model.gguf"
-    if os.geteuid() != 0:  # root reads a chmod-000 file anyway; the FIFO and the folder cases work as root too
-        put("no_read_permission", "locked.safetensors", raw)
-        cases["no_read_permission"].chmod(0)
+    # no read permission: the commands run without root's permission override (see _drop_root_override)
+    put("no_read_permission", "locked.safetensors", raw)
+    cases["no_read_permission"].chmod(0)
+    (root / "locked_folder" / "models").mkdir(parents=True)
+    write_safetensors(root / "locked_folder" / "models" / "inside.safetensors", random_flux_state_dict())
+    (root / "locked_folder" / "models").chmod(0)
+    cases["no_read_permission_folder"] = root / "locked_folder" / "models"
     return cases
+
+
+def _drop_root_override() -> None:
+    """In the child before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set, so that a
+    command run by root (as in CI) meets permission bits like any user. A no-op for other users."""
+    if os.geteuid() == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH (linux/capability.h)
+            if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
 def _fingerprint(root: Path) -> dict[str, str]:
@@ -115,17 +132,18 @@ def _fingerprint(root: Path) -> dict[str, str]:
                 out[str(path)] = "fifo"
             elif path.is_dir():
                 out[str(path)] = "dir"
-            elif os.access(path, os.R_OK):
-                out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
             else:
-                out[str(path)] = f"unreadable:{path.stat().st_size}"
+                try:  # root (the test process keeps its permission override) hashes the locked file too
+                    out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+                except PermissionError:
+                    out[str(path)] = f"unreadable:{path.stat().st_size}:{path.stat().st_mtime_ns}"
     return out
 
 
-def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _run(argv: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     try:
         return subprocess.run([sys.executable, "-m", "lib_fluxq", *argv], cwd=cwd, env=ENV, capture_output=True,
-                              text=True, timeout=120)
+                              text=True, timeout=timeout, preexec_fn=_drop_root_override)
     except subprocess.TimeoutExpired as exc:  # e.g. a FIFO opened for reading, or the tab started a server
         return subprocess.CompletedProcess(argv, -1, stdout=str(exc.stdout), stderr="TIMEOUT")
 
@@ -142,7 +160,7 @@ def test_every_command_gives_one_line_for_every_broken_input(broken) -> None:
     cwd.mkdir(exist_ok=True)
     before = _fingerprint(root)
     jobs = [(command, kind, path) for command in COMMANDS for kind, path in cases.items()
-            if kind not in ACCEPTED.get(command, ())]
+            if kind not in ACCEPTED.get(command, ()) and (command, kind) not in KNOWN_GAPS]
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(lambda job: _run(COMMANDS[job[0]](str(job[2])), cwd), jobs))
     failures = []
@@ -164,6 +182,15 @@ def test_every_command_gives_one_line_for_every_broken_input(broken) -> None:
     assert _fingerprint(root) == before  # no input changed, nothing written (cwd stays empty too)
 
 
+@pytest.mark.xfail(reason="known gap (lib_fluxq/ui/app.py, owned by the tab): ui --models on a folder without read "
+                          "permission starts the app instead of refusing in one line", strict=False)
+def test_ui_refuses_a_models_folder_it_cannot_read(broken) -> None:
+    root, cases = broken
+    path = cases["no_read_permission_folder"]
+    done = _run(COMMANDS["ui"](str(path)), root, timeout=60)  # the app, once started, serves until killed
+    assert done.returncode == 1 and "permission denied" in done.stderr and str(path) in done.stderr, done
+
+
 def test_messages_say_what_the_file_is_by_content_and_quote_no_bytes(broken) -> None:
     """The extension does not decide the diagnosis, and nothing read from a non-model file appears in a message."""
     root, cases = broken
@@ -179,6 +206,7 @@ def test_messages_say_what_the_file_is_by_content_and_quote_no_bytes(broken) -> 
         "symlink_loop": "symbolic link loop", "dangling_symlink": "symbolic link to a missing file",
         "fifo": "not a regular file", "directory_as_file": "is a folder", "missing": "file not found",
         "path_through_a_file": "file not found", "gguf_bad_version": "unknown version",
+        "no_read_permission": "permission denied",
     }
     jobs = list(expected.items())
     with ThreadPoolExecutor(max_workers=4) as pool:
