@@ -4,7 +4,6 @@ once with the broken ones last."""
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
@@ -20,7 +19,13 @@ import gguf
 import pytest
 import torch
 
-from tests.fixtures import random_flux_state_dict, recipe_qtype, write_gguf, write_safetensors
+from tests.fixtures import (
+    drop_root_permission_override,
+    random_flux_state_dict,
+    recipe_qtype,
+    write_gguf,
+    write_safetensors,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -100,7 +105,7 @@ def _build_inputs(root: Path) -> dict[str, Path]:
     cases["dangling_symlink"] = root / "dangling" / "model.safetensors"
     cases["missing"] = root / "nowhere" / "flux1-dev-Q4_0.gguf"
     cases["path_through_a_file"] = cases["passwd_text"] / "model.gguf"
-    # no read permission: the commands run without root's permission override (see _drop_root_override)
+    # no read permission: the commands run without root's permission override (drop_root_permission_override)
     put("no_read_permission", "locked.safetensors", raw)
     cases["no_read_permission"].chmod(0)
     (root / "locked_folder" / "models").mkdir(parents=True)
@@ -108,16 +113,6 @@ def _build_inputs(root: Path) -> dict[str, Path]:
     (root / "locked_folder" / "models").chmod(0)
     cases["no_read_permission_folder"] = root / "locked_folder" / "models"
     return cases
-
-
-def _drop_root_override() -> None:
-    """In the child before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set, so that a
-    command run by root (as in CI) meets permission bits like any user. A no-op for other users."""
-    if os.geteuid() == 0:
-        libc = ctypes.CDLL(None, use_errno=True)
-        for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH (linux/capability.h)
-            if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
 def _fingerprint(root: Path) -> dict[str, str]:
@@ -143,7 +138,7 @@ def _fingerprint(root: Path) -> dict[str, str]:
 def _run(argv: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     try:
         return subprocess.run([sys.executable, "-m", "lib_fluxq", *argv], cwd=cwd, env=ENV, capture_output=True,
-                              text=True, timeout=timeout, preexec_fn=_drop_root_override)
+                              text=True, timeout=timeout, preexec_fn=drop_root_permission_override)
     except subprocess.TimeoutExpired as exc:  # e.g. a FIFO opened for reading, or the tab started a server
         return subprocess.CompletedProcess(argv, -1, stdout=str(exc.stdout), stderr="TIMEOUT")
 
