@@ -240,6 +240,33 @@ def test_inspect_lists_each_real_file_once_and_broken_files_last(tmp_path) -> No
     assert [row.split()[0] for row in rows] == ["flux.gguf", "z-second.safetensors", "a-broken.safetensors"]
 
 
+def test_advise_and_the_tab_list_each_real_file_once_and_broken_files_last(tmp_path) -> None:
+    """The same folder, with a link back up the tree and a second name for a file, through advise --models and the
+    tab's file table (given the models root and a subfolder, as a WebUI host does): each real file once, the broken
+    one last as unreadable with its reason."""
+    from lib_fluxq.ui import handlers
+
+    models = tmp_path / "models"
+    (models / "Stable-diffusion").mkdir(parents=True)
+    good = models / "Stable-diffusion" / "flux-Q8_0.gguf"
+    write_gguf(good, random_flux_state_dict(), recipe_qtype(gguf.GGMLQuantizationType.Q8_0))
+    (models / "Stable-diffusion" / "a-cut-Q8_0.gguf").write_bytes(good.read_bytes()[:3000])  # sorts first by name
+    os.symlink(models, models / "Stable-diffusion" / "parent")
+    os.symlink(good, models / "Stable-diffusion" / "alias-Q8_0.gguf")
+    done = subprocess.run([sys.executable, "-m", "lib_fluxq", "advise", "--vram", "8", "--ram", "16", "--models",
+                           str(models), "--json"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    files = json.loads(done.stdout)["files"]
+    assert sorted(f["name"] for f in files) == ["a-cut-Q8_0.gguf", "flux-Q8_0.gguf"], files
+    assert files[-1]["name"] == "a-cut-Q8_0.gguf" and files[-1]["verdict"] == "unreadable", files
+    assert "download it again" in files[-1]["reason"]
+    plan = handlers.make_plan(handlers.detect_machine(), "", 8, 16)
+    inventory = handlers.inventory([str(models), str(models / "Stable-diffusion")], plan)
+    rows = handlers.model_rows(inventory)
+    assert [row[0] for row in rows] == ["flux-Q8_0.gguf", "a-cut-Q8_0.gguf"], rows
+    assert rows[-1][2] == "unreadable" and "download it again" in rows[-1][-1]
+
+
 _PROBE = """
 import sys
 from lib_fluxq.__main__ import main
