@@ -158,7 +158,7 @@ def format_table(comparison: Comparison) -> str:
               "full-precision",
               "  block, mean over the sampled blocks. dequant M/s: million weights/s to float32 on one CPU thread "
               "(best of several runs",
-              "  of that thread's CPU time): INDICATIVE ONLY, it moves by up to ~1.6x between runs on a busy machine "
+              "  of that thread's CPU time): INDICATIVE ONLY, it moves by up to ~1.7x between runs on a busy machine "
               "and says",
               "  little about a GPU; the other columns are repeatable.",
               f"  {comparison.seconds:.0f} s in all."]
