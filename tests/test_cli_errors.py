@@ -261,10 +261,12 @@ def test_advise_and_the_tab_list_each_real_file_once_and_broken_files_last(tmp_p
     assert files[-1]["name"] == "a-cut-Q8_0.gguf" and files[-1]["verdict"] == "unreadable", files
     assert "download it again" in files[-1]["reason"]
     plan = handlers.make_plan(handlers.detect_machine(), "", 8, 16)
-    inventory = handlers.inventory([str(models), str(models / "Stable-diffusion")], plan)
+    inventory = handlers.inventory(handlers.new_listing([str(models), str(models / "Stable-diffusion")]), plan)
+    real = [os.path.realpath(entry.real) for entry in inventory.files]
+    assert real == [str(good.resolve()), str((models / "Stable-diffusion" / "a-cut-Q8_0.gguf").resolve())], real
     rows = handlers.model_rows(inventory)
-    assert [row[0] for row in rows] == ["flux-Q8_0.gguf", "a-cut-Q8_0.gguf"], rows
-    assert rows[-1][2] == "unreadable" and "download it again" in rows[-1][-1]
+    assert len(rows) == 2 and rows[-1][0] == "a-cut-Q8_0.gguf" and rows[-1][2] == "unreadable", rows
+    assert "download it again" in rows[-1][-1]
 
 
 _PROBE = """
