@@ -86,7 +86,10 @@ def running_webui(args: Sequence[str], cwd: str, data_dir: Path, url: str, name:
     "IndexError: list assignment index out of range" in ``init_script_args`` (seen in Forge dfdcbab6)."""
     (data_dir / "extensions").mkdir(parents=True, exist_ok=True)
     link = data_dir / "extensions" / "fluxq"
-    if extension and not link.is_symlink():
+    if extension and not (link.is_symlink() and link.resolve() == REPO):
+        # a data dir shared between checkouts: the link must name the repository under test, not the last one's
+        if link.is_symlink():
+            link.unlink()
         link.symlink_to(REPO)
     elif not extension and link.is_symlink():   # the WebUI alone, same data dir (for side-by-side figures)
         link.unlink()

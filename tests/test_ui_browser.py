@@ -32,8 +32,8 @@ SIZED = {"flux1-dev-Q8_0.gguf": ("Q8_0", 12_700_000_000), "flux1-dev-Q4_0.gguf":
 
 if not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (requirements-test.txt)")
-pytest.importorskip("gradio", reason="gradio not installed (requirements-test.txt)")
+# playwright and gradio are pinned in requirements-test.txt: a missing one is an error, never a skip
+from playwright import sync_api  # noqa: E402
 
 from tests.test_download import FakeHub  # noqa: E402  (after the skips: needs nothing else)
 
