@@ -100,6 +100,10 @@ def running_webui(args: Sequence[str], cwd: str, data_dir: Path, url: str, name:
     try:
         for _ in range(start_timeout):
             if "Startup time:" in log_path.read_text():
+                # with the port taken the WebUI moves to the next one: the API there would be another server's
+                served = re.search(r"Running on local URL:\s*(\S+)", log_path.read_text())
+                assert served is None or served.group(1).rstrip("/") == url.rstrip("/"), (
+                    f"{name} serves {served.group(1)}, not {url}: another server holds the port; stop it and rerun")
                 try:
                     api(url, "/sdapi/v1/options", timeout=5)
                     break
