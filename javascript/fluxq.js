@@ -1,5 +1,6 @@
 // Flux Quant tab: size presets and "Use this" write txt2img/img2img width/height (and Forge's GPU Weights) like
 // WebUI extensions do: set the field, fire its input event, and the host's own handlers take it from there.
+// "Get ..." buttons start the download of a model's missing part.
 (function () {
     function root() {
         return typeof gradioApp === "function" ? gradioApp() : document;
@@ -49,9 +50,29 @@
         return Boolean(done);
     };
 
-    // Preset buttons live in HTML the tab re-renders; one delegated listener serves them all.
+    // "Get ..." next to a missing part: the catalog key goes into the tab's off-screen field, then its button
+    // starts the download like Get a model's (the server checks the key against the catalog).
+    window.fluxqDownload = function (key) {
+        var field = root().querySelector("#fluxq_part_key textarea, #fluxq_part_key input");
+        var button = root().querySelector("#fluxq_part_btn");
+        if (!field || !button) return false;
+        field.value = key;
+        field.dispatchEvent(new Event("input", {bubbles: true}));
+        // gradio reads the field's new value on its next tick
+        setTimeout(function () {
+            button.click();
+            var jobs = root().querySelector("#fluxq_dl_jobs");
+            if (jobs && jobs.scrollIntoView) jobs.scrollIntoView({block: "center"});
+        }, 50);
+        return true;
+    };
+
+    // Preset and "Get" buttons live in HTML the tab re-renders; one delegated listener serves them all.
     document.addEventListener("click", function (event) {
-        var button = event.target.closest ? event.target.closest("[data-fluxq-size]") : null;
-        if (button) window.fluxqSetSize(button.getAttribute("data-fluxq-size"), button);
+        if (!event.target.closest) return;
+        var size = event.target.closest("[data-fluxq-size]");
+        if (size) window.fluxqSetSize(size.getAttribute("data-fluxq-size"), size);
+        var get = event.target.closest("[data-fluxq-download]");
+        if (get) window.fluxqDownload(get.getAttribute("data-fluxq-download"));
     });
 })();

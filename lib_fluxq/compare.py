@@ -66,6 +66,7 @@ class LevelResult:
     bits_per_weight: float | None = None
     flux_dev_gb: float | None = None
     vram_gb: float | None = None
+    vram_by_family: dict[str, float | None] = field(default_factory=dict)   # family key -> GiB, same model
     weight_rel_rmse: float | None = None
     block_rel_error: float | None = None
     block_cosine: float | None = None
@@ -160,7 +161,25 @@ def format_table(comparison: Comparison) -> str:
               "(best of several runs",
               "  of that thread's CPU time): a CPU figure, only indicative of speed on a GPU.",
               f"  {comparison.seconds:.0f} s in all."]
+    lines += _family_vram_table(comparison)
     return "\n".join(lines)
+
+
+def _family_vram_table(comparison: Comparison) -> list[str]:
+    """VRAM GiB per family of the family table (rows) at each level (columns): the VRAM column's advisor figure for
+    that family's transformer. One row per family, so level rows above stay the only lines that start with a level."""
+    levels = [r for r in comparison.levels if r.available and r.vram_by_family]
+    if not levels:
+        return []
+    widths = [max(len(r.level), 5) for r in levels]
+    header = f"{'family':<15}" + "".join(f" {r.level:>{w}}" for r, w in zip(levels, widths, strict=True))
+    lines = ["", f"VRAM GiB per family at {VRAM_RESOLUTION[0]}x{VRAM_RESOLUTION[1]}: the advisor's need with that "
+                 "family's transformer fully resident,", "  block weights at the measured bits/w (families from "
+                 "lib_fluxq/families.py):", header, "-" * len(header)]
+    for key in levels[0].vram_by_family:
+        lines.append(f"{key:<15}" + "".join(f" {_fmt(r.vram_by_family.get(key), f'{w}.1f')}"
+                                            for r, w in zip(levels, widths, strict=True)))
+    return lines
 
 
 _FAMILY_STYLE = {"gguf": ("tab:blue", "o", "GGUF"), "nf4": ("tab:red", "s", "bitsandbytes NF4"),

@@ -345,14 +345,27 @@ def projected_flux_dev_bytes(bits_per_weight: float, config: FluxConfig = FLUX_D
 # VRAM is quoted for Flux's native image size, whatever --res the error measurement uses.
 
 
-def vram_estimate_gb(level: str, model_bytes: float, width: int = 1024, height: int = 1024) -> float | None:
-    """The advisor's VRAM need to run this level fully resident at ``width``x``height`` (None for unknown levels)."""
+def vram_estimate_gb(level: str, model_bytes: float, width: int = 1024, height: int = 1024,
+                     config: FluxConfig = FLUX_DEV) -> float | None:
+    """The advisor's VRAM need to run this level fully resident at ``width``x``height`` for a transformer of geometry
+    ``config`` (None for unknown levels)."""
     from lib_fluxq.advisor import transformer_vram_gb
 
     try:
-        return transformer_vram_gb(level, model_bytes, width, height)
+        return transformer_vram_gb(level, model_bytes, width, height, config)
     except FluxqError:
         return None
+
+
+def vram_by_family(level: str, bits_per_weight: float, width: int = 1024, height: int = 1024) \
+        -> dict[str, float | None]:
+    """The same VRAM figure for every distinct family of the family table (FLUX.1, Chroma, FLUX.2 dev, Klein): its
+    transformer with block weights at the measured ``bits_per_weight`` (the recipe as for Flux-dev)."""
+    from lib_fluxq.advisor.model import distinct_families
+
+    return {family.key: vram_estimate_gb(level, projected_flux_dev_bytes(bits_per_weight, family.geometry), width,
+                                         height, family.geometry)
+            for family in distinct_families()}
 
 
 def _block_update(kind: str, block: nn.Module, inputs: BlockInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -489,6 +502,7 @@ def _finish(result: LevelResult) -> None:
     model_bytes = projected_flux_dev_bytes(result.bits_per_weight)
     result.flux_dev_gb = model_bytes / GB
     result.vram_gb = vram_estimate_gb(result.level, model_bytes, *VRAM_RESOLUTION)
+    result.vram_by_family = vram_by_family(result.level, result.bits_per_weight, *VRAM_RESOLUTION)
     result.weight_rel_rmse = math.sqrt(result._err_sq / result._ref_sq)
     n = len(result.per_block)
     result.block_rel_error = sum(b.update_rel_error for b in result.per_block) / n

@@ -7,8 +7,8 @@ the hub's own HTTP session), so ``HF_ENDPOINT``, ``HF_TOKEN``/a saved login and 
 same. It does not call ``hf_hub_download`` itself: that offers neither a progress callback nor a way to stop (and
 reads 10 MB at a time), and it writes into a cache layout. Here the bytes go to a hidden ``.partial`` file in the
 target folder (kept between attempts, so a stopped or failed download resumes) and are renamed into place only when
-the size and, for LFS files, the sha256 match what the Hub announced. An existing file of another size is never
-overwritten.
+the size and, for LFS files, the sha256 match what the Hub announced. An existing file is never overwritten, not
+even one that appears while the download runs (``jobs.place_file``: a hard link, which fails when the name exists).
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from lib_fluxq.errors import FluxqError
+from lib_fluxq.jobs import DISK_MARGIN, place_file
 
 ProgressCallback = Callable[[int, int, str], None]   # (bytes done, bytes total, text)
-DISK_MARGIN = 64 * 1024 * 1024     # keep this much free beyond the file: a full disk breaks everything else too
+SpaceCheck = Callable[[str, int], None]   # (folder, bytes still to write): raises a FluxqError when they do not fit
+Token = str | bool | None                 # a token; None: huggingface_hub's own (HF_TOKEN, saved login); False: none
 CHUNK = 1 << 20                    # bytes per read: progress and cancel react within one MB
 RETRIES = 3                        # resumes after a dropped connection before giving up
 RETRY_DELAY = 0.5                  # seconds, doubled per retry
@@ -80,7 +82,11 @@ def page_url(repo: str, filename: str) -> str:
     return f"{endpoint()}/{repo}/blob/main/{filename}"
 
 
-def resolve(repo: str, filename: str, revision: str = "main", token: str | None = None) -> RemoteFile:
+def _token(token: Token) -> str | bool | None:
+    return None if token == "" else token
+
+
+def resolve(repo: str, filename: str, revision: str = "main", token: Token = None) -> RemoteFile:
     """Ask the Hub for the file's size, etag and location (one HEAD request). Raises DownloadError with the fix."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     if offline():
@@ -89,7 +95,7 @@ def resolve(repo: str, filename: str, revision: str = "main", token: str | None 
     base = endpoint()
     url = hf_hub_url(repo, filename, revision=revision, endpoint=base)
     try:
-        meta = get_hf_file_metadata(url, token=token or None)
+        meta = get_hf_file_metadata(url, token=_token(token))
     except Exception as exc:
         raise _hub_error(exc, repo, filename, base) from None
     if meta.size is None:
@@ -165,9 +171,13 @@ class _Sink:
 
 
 def download(repo: str, filename: str, folder: str | os.PathLike[str], revision: str = "main",
-             token: str | None = None, progress: ProgressCallback | None = None,
-             cancel: threading.Event | None = None, remote: RemoteFile | None = None) -> DownloadResult:
-    """Fetch ``repo/filename`` into ``folder`` (created if missing). Resumes a previous partial download."""
+             token: Token = None, progress: ProgressCallback | None = None,
+             cancel: threading.Event | None = None, remote: RemoteFile | None = None,
+             space_check: SpaceCheck | None = None) -> DownloadResult:
+    """Fetch ``repo/filename`` into ``folder`` (created if missing). Resumes a previous partial download.
+
+    ``space_check(folder, bytes)`` replaces the plain free-space check (the tab's counts the jobs in flight).
+    """
     import filelock  # a huggingface_hub dependency: present wherever the hub is
 
     started = time.monotonic()
@@ -191,30 +201,26 @@ def download(repo: str, filename: str, folder: str | os.PathLike[str], revision:
     except filelock.Timeout:
         raise DownloadError(f"another download is already writing {dest}; wait for it to finish") from None
     try:
-        return _download_locked(remote, dest, partial, token, progress, cancel, started)
+        return _download_locked(remote, dest, partial, token, progress, cancel, started, space_check)
     finally:
         lock.release()
         with contextlib.suppress(OSError):
             os.remove(partial + ".lock")
 
 
-def _download_locked(remote: RemoteFile, dest: str, partial: str, token: str | None,
+def _download_locked(remote: RemoteFile, dest: str, partial: str, token: Token,
                      progress: ProgressCallback | None, cancel: threading.Event | None,
-                     started: float) -> DownloadResult:
+                     started: float, space_check: SpaceCheck | None) -> DownloadResult:
     from huggingface_hub.utils import build_hf_headers
     folder = os.path.dirname(dest)
     have = os.path.getsize(partial) if os.path.exists(partial) else 0
     if have > remote.size:   # not a prefix of this file: start over
         os.remove(partial)
         have = 0
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        free = None
-    if free is not None and free < remote.size - have + DISK_MARGIN:
-        raise DownloadError(f"not enough space for {os.path.basename(dest)} in {folder}: it needs "
-                            f"{_mb(remote.size - have + DISK_MARGIN)}, {_mb(free)} free; free some space or choose "
-                            f"another models folder")
+    if space_check is not None:
+        space_check(folder, remote.size - have)
+    else:
+        _check_space(dest, remote.size - have)
     hasher = hashlib.sha256() if remote.etag and _SHA256.match(remote.etag) else None
     if hasher is not None and have:
         if progress is not None:
@@ -222,7 +228,7 @@ def _download_locked(remote: RemoteFile, dest: str, partial: str, token: str | N
         with open(partial, "rb") as existing:
             for block in iter(lambda: existing.read(8 << 20), b""):
                 hasher.update(block)
-    headers = build_hf_headers(token=token or None)
+    headers = build_hf_headers(token=_token(token))
     if urlparse(remote.url).netloc != urlparse(endpoint()).netloc:
         headers.pop("authorization", None)   # as hf_hub_download: the token is for the Hub, not for its CDN
     label = os.path.basename(dest)
@@ -230,7 +236,8 @@ def _download_locked(remote: RemoteFile, dest: str, partial: str, token: str | N
         sink = _Sink(handle, have, remote.size, hasher, progress, cancel, label)
         if progress is not None:
             progress(have, remote.size, f"{'resuming at ' + _mb(have) if have else 'starting'}")
-        _transfer(remote, sink, headers, label)
+        if have < remote.size:   # a complete download kept from before (its name was taken) needs no request
+            _transfer(remote, sink, headers, label)
     size = os.path.getsize(partial)
     if size != remote.size:
         raise DownloadError(f"{label}: got {size} bytes, the Hub announced {remote.size}; start again to resume")
@@ -238,8 +245,24 @@ def _download_locked(remote: RemoteFile, dest: str, partial: str, token: str | N
         os.remove(partial)   # corrupt: resuming would keep the bad bytes
         raise DownloadError(f"{label}: sha256 does not match the Hub's ({remote.etag}); the partial file was "
                             f"removed, start again")
-    os.replace(partial, dest)
+    try:
+        place_file(partial, dest)
+    except FileExistsError:
+        raise DownloadError(f"{dest} appeared while {label} was downloading; it is never overwritten: rename or "
+                            f"delete it and start again (the download is kept and completes at once)") from None
     return DownloadResult(dest, size, have, time.monotonic() - started, verified_sha256=hasher is not None)
+
+
+def _check_space(dest: str, needed: int) -> None:
+    folder = os.path.dirname(dest)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < needed + DISK_MARGIN:
+        raise DownloadError(f"not enough space for {os.path.basename(dest)} in {folder}: it needs "
+                            f"{_mb(needed + DISK_MARGIN)}, {_mb(free)} free; free some space or choose another "
+                            f"models folder")
 
 
 def _transfer(remote: RemoteFile, sink: _Sink, headers: dict[str, str], label: str) -> None:

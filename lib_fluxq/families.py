@@ -180,6 +180,10 @@ class Format:
     marked: str                    # how the header marks it (for people; the classifier implements it)
     hosts: Mapping[str, Support]
     quantized: bool = True
+    # Architectures a host runs in this format (empty: any): Neo loads SVDQuant files only as FLUX.1.
+    archs: tuple[str, ...] = ()
+    # CUDA compute capabilities (x10, inclusive range) the format's kernels are built for; None: any device.
+    cuda_sm: tuple[int, int] | None = None
 
 
 # --------------------------------------------------------------------------------------------------- signatures
@@ -501,6 +505,11 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
 # --------------------------------------------------------------------------------------------------------- formats
 
 _NEO_ONLY = Support(False, "no Comfy mixed-quant loader")
+# Neo 2.26 loads Nunchaku files as FLUX.1 only (huggingface_guess detection.py: single_transformer_blocks.0.mlp_fc1.
+# qweight -> image_model "flux", dev vs schnell by the guidance embedder; backend/loader.py SVDQFluxTransformer2DModel).
+# Kernels: INT4 on Turing / Ampere / Ada (sm_75-sm_89), FP4 on Blackwell RTX 50 (sm_120): nunchaku README (sm_80 /
+# sm_86 / sm_89) and SD.Next's Nunchaku wiki ("Turing/Ampere/Ada/Blackwell ... on Blackwell FP4, else INT4").
+_SVDQ_ARCHS = ("flux1",)
 FORMATS: dict[str, Format] = {f.key: f for f in (
     Format("gguf", "GGUF",
            "GGUF container; general.architecture 'flux' for FLUX.1, Chroma and FLUX.2 alike (city96 convert.py), "
@@ -535,12 +544,14 @@ FORMATS: dict[str, Format] = {f.key: f for f in (
            "'<layer>.qweight' int8 [out, in/2] with bf16 'wscales' [in/64, out], 'smooth', 'lora_down/up'",
            {"forge": Support(False, "no Nunchaku support"),
             "neo": Support(True, "needs Nunchaku: the nunchaku package, NVIDIA RTX 20-40 (not 50)"),
-            "a1111": Support(False)}),
+            "a1111": Support(False)},
+           archs=_SVDQ_ARCHS, cuda_sm=(75, 89)),
     Format("svdq-fp4", "SVDQuant NVFP4 (Nunchaku)",
            "'<layer>.qweight' with fp8 'wscales' [in/16, out] and 'wtscale' / 'wcscales'",
            {"forge": Support(False, "no Nunchaku support"),
             "neo": Support(True, "needs Nunchaku: the nunchaku package, NVIDIA RTX 50 (Blackwell)"),
-            "a1111": Support(False)}),
+            "a1111": Support(False)},
+           archs=_SVDQ_ARCHS, cuda_sm=(120, 129)),
     Format("fp8-e4m3fn", "fp8 e4m3fn", "F8_E4M3 weights without scales",
            {"forge": Support(True), "neo": Support(True), "a1111": Support(False)}),
     Format("fp8-e5m2", "fp8 e5m2", "F8_E5M2 weights without scales",

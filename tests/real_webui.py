@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -19,6 +20,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 import gguf
 import numpy as np
@@ -75,6 +77,19 @@ def model_loads(log_text: str) -> list[tuple[str, list[str]]]:
     return loads
 
 
+def wait_port_free(url: str, seconds: int = 600) -> None:
+    """Wait while another process listens on ``url``'s port: a gradio app started elsewhere without a port (the
+    tab's standalone UI, a test) takes the first free one from 7860 up, and a WebUI started on a taken port prints
+    "Cannot find empty port" and then hangs instead of exiting."""
+    parsed = urlparse(url)
+    for _ in range(seconds):
+        with socket.socket() as probe:
+            if probe.connect_ex((parsed.hostname, parsed.port)) != 0:
+                return
+        time.sleep(1)
+    raise AssertionError(f"{url} stayed taken by another process for {seconds} s: stop it and run again")
+
+
 @contextmanager
 def running_webui(args: Sequence[str], cwd: str, data_dir: Path, url: str, name: str, start_timeout: int = 240,
                   env: dict[str, str] | None = None, extension: bool = True) -> Iterator[tuple[subprocess.Popen, Path]]:
@@ -94,6 +109,7 @@ def running_webui(args: Sequence[str], cwd: str, data_dir: Path, url: str, name:
     elif not extension and link.is_symlink():   # the WebUI alone, same data dir (for side-by-side figures)
         link.unlink()
     log_path = data_dir / f"{name}.log"
+    wait_port_free(url)
     full_env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
     with open(log_path, "w") as log:
         process = subprocess.Popen(list(args), cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT)
@@ -110,6 +126,7 @@ def running_webui(args: Sequence[str], cwd: str, data_dir: Path, url: str, name:
                 except OSError:
                     pass
             assert process.poll() is None, log_path.read_text()[-3000:]
+            assert "Cannot find empty port" not in log_path.read_text(), log_path.read_text()[-3000:]
             time.sleep(1)
         else:
             raise AssertionError(f"{name} did not start in {start_timeout} s: {log_path.read_text()[-3000:]}")

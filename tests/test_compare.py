@@ -85,6 +85,29 @@ def test_sizes_and_vram_come_from_the_published_recipe_and_the_advisor(embedded_
         assert r.vram_gb > r.flux_dev_gb * 1e9 / 2**30
 
 
+def test_vram_per_family_is_the_advisors_figure_for_each_geometry(embedded_default):
+    """Issue 15: the VRAM figure for every family of the family table, each from its own geometry (the advisor's
+    need for that transformer at the measured bits/w); Flux-dev's entry is the VRAM column itself."""
+    from lib_fluxq.advisor.model import distinct_families
+    from lib_fluxq.compare_engine import projected_flux_dev_bytes
+
+    families = {f.key: f for f in distinct_families()}
+    table = compare.format_table(embedded_default)
+    for r in embedded_default.levels:
+        assert set(r.vram_by_family) == set(families)
+        assert r.vram_by_family["flux-dev"] == r.vram_gb
+        for key, family in families.items():
+            model_bytes = projected_flux_dev_bytes(r.bits_per_weight, family.geometry)
+            assert r.vram_by_family[key] == transformer_vram_gb(r.level, model_bytes, *compare.VRAM_RESOLUTION,
+                                                                family.geometry)
+        assert r.vram_by_family["flux2-dev"] > r.vram_by_family["flux-dev"] > r.vram_by_family["flux2-klein-4b"]
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines() if line.split()
+            and line.split()[0] in families}
+    assert set(rows) == set(families)
+    assert [float(v) for v in rows["flux2-klein-4b"]] == [round(r.vram_by_family["flux2-klein-4b"], 1)
+                                                         for r in embedded_default.levels]
+
+
 @pytest.fixture(scope="module")
 def small_flux() -> dict[str, torch.Tensor]:
     return random_flux_state_dict(SMALL_FLUX, seed=3)

@@ -284,7 +284,8 @@ def test_catalog_levels_are_levels_the_advisor_knows():
 
 
 def test_jobs_refuse_a_second_writer_of_the_same_target(tmp_path):
-    runner = jobs.JobRunner()
+    # two conversions may run at once here, so "other" runs beside "a" (the per-kind limits have their own tests)
+    runner = jobs.JobRunner({"convert": jobs.Limit(2, 0), "download": jobs.Limit(2, 0)})
     gate = threading.Event()
 
     def slow(job: jobs.Job) -> str:
@@ -318,3 +319,112 @@ def test_jobs_cancel_and_failure_are_reported(tmp_path):
     failing = runner.start("convert", "y", str(tmp_path / "y"), lambda job: 1 / 0)
     assert runner.wait(failing.id, 5).state == jobs.FAILED
     assert "ZeroDivisionError" in failing.result
+
+
+def test_no_token_means_none_even_with_a_saved_login(hub, tmp_path, monkeypatch):
+    """``token=False`` (the tab's empty token field) sends no token although the server has one (HF_TOKEN here);
+    ``token=None`` (the CLI's default) uses it, as huggingface_hub does."""
+    hub.add("bfl/gated", "flux.gguf", payload(5000))
+    hub.gated.add("bfl/gated")
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", False)   # read once at import
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    with pytest.raises(download.DownloadError, match="gated"):
+        download.download("bfl/gated", "flux.gguf", tmp_path / "visitor", token=False)
+    assert not (tmp_path / "visitor" / "flux.gguf").exists()
+    assert download.download("bfl/gated", "flux.gguf", tmp_path / "owner").size == 5000
+
+
+def test_a_file_that_appears_during_a_download_is_never_overwritten(tmp_path, monkeypatch):
+    with FakeHub(chunk=16 * 1024, delay=0.002) as slow:
+        monkeypatch.setenv("HF_ENDPOINT", slow.url)
+        data = payload(400_000, seed=5)
+        slow.add("org/flux", "ae.safetensors", data)
+        dest = tmp_path / "ae.safetensors"
+
+        def someone_else_writes(done: int, total: int, text: str) -> None:
+            if done > 100_000 and not dest.exists():
+                dest.write_bytes(b"another writer's file")
+
+        with pytest.raises(download.DownloadError, match="appeared while ae.safetensors was downloading"):
+            download.download("org/flux", "ae.safetensors", tmp_path, progress=someone_else_writes)
+        assert dest.read_bytes() == b"another writer's file"
+        dest.unlink()   # once the user moved it away, the kept download completes without a single new byte
+        gets = len([r for r in slow.requests if r[0] == "GET"])
+        assert download.download("org/flux", "ae.safetensors", tmp_path).resumed_from == len(data)
+        assert dest.read_bytes() == data and len([r for r in slow.requests if r[0] == "GET"]) == gets
+
+
+def test_place_file_never_replaces_unless_asked(tmp_path):
+    tmp, dst = tmp_path / ".new.partial", tmp_path / "model.gguf"
+    tmp.write_bytes(b"new")
+    dst.write_bytes(b"old")
+    with pytest.raises(FileExistsError):
+        jobs.place_file(str(tmp), str(dst))
+    assert dst.read_bytes() == b"old" and tmp.read_bytes() == b"new"
+    jobs.place_file(str(tmp), str(dst), replace=True)
+    assert dst.read_bytes() == b"new" and not tmp.exists()
+    tmp.write_bytes(b"fresh")
+    jobs.place_file(str(tmp), str(tmp_path / "other.gguf"))
+    assert (tmp_path / "other.gguf").read_bytes() == b"fresh" and not tmp.exists()
+
+
+def _gate_job(runner: jobs.JobRunner, kind: str, name: str, gate: threading.Event, ran: list[str]) -> jobs.Job:
+    def work(job: jobs.Job) -> str:
+        ran.append(name)
+        gate.wait(10)
+        return name
+    return runner.start(kind, name, name, work)
+
+
+def test_jobs_run_within_the_limits_and_the_rest_wait_or_are_busy():
+    runner = jobs.JobRunner(limits={"convert": jobs.Limit(1, 2), "download": jobs.Limit(2, 1)})
+    gate, ran = threading.Event(), []
+    first = _gate_job(runner, "convert", "c1", gate, ran)
+    waiting = [_gate_job(runner, "convert", f"c{i}", gate, ran) for i in (2, 3)]
+    with pytest.raises(jobs.JobBusy, match=r"^busy: 1 conversion running and 2 waiting, the most this server takes"):
+        _gate_job(runner, "convert", "c4", gate, ran)
+    downloads = [_gate_job(runner, "download", f"d{i}", gate, ran) for i in (1, 2, 3)]   # other kinds are apart
+    time.sleep(0.2)
+    assert first.state == jobs.RUNNING and [j.state for j in waiting] == [jobs.WAITING] * 2
+    assert [j.state for j in downloads] == [jobs.RUNNING, jobs.RUNNING, jobs.WAITING]
+    assert sorted(ran) == ["c1", "d1", "d2"] and runner.counts("convert") == (1, 2)
+    assert runner.cancel(waiting[0].id)   # a waiting job ends at once, never runs, and frees its place in line
+    assert waiting[0].state == jobs.CANCELLED and waiting[0].result == "cancelled before it started"
+    fourth = _gate_job(runner, "convert", "c4", gate, ran)
+    gate.set()
+    for job in (first, waiting[1], fourth, *downloads):
+        assert runner.wait(job.id, 10).state == jobs.DONE
+    assert "c2" not in ran and ran.index("c3") < ran.index("c4")   # in order of arrival
+    assert runner.counts("convert") == (0, 0)
+
+
+def test_disk_reservations_count_the_jobs_in_flight(tmp_path, monkeypatch):
+    runner = jobs.JobRunner(limits={"download": jobs.Limit(3, 0)})
+    real = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(jobs.shutil, "disk_usage", lambda path: real._replace(free=1000 * 10**6))
+    gate = threading.Event()
+    holding = runner.start("download", "a", "a", lambda job: gate.wait(10) and "a")
+    runner.reserve(holding, str(tmp_path / "VAE"), 600 * 10**6, "a.safetensors")   # folder not made yet: its parent
+    other = runner.start("download", "b", "b", lambda job: gate.wait(10) and "b")
+    with pytest.raises(jobs.NotEnoughSpace, match=r"not enough space for b.gguf: it needs .*, 1.00 GB free, of which "
+                                                  r"0.60 GB is promised to 1 job\(s\) in flight"):
+        runner.reserve(other, str(tmp_path), 600 * 10**6, "b.gguf")
+    holding.report(400, 1000, "written 40%", bytes_left=200 * 10**6)   # what it still has to write counts
+    runner.reserve(other, str(tmp_path), 600 * 10**6, "b.gguf")
+    gate.set()
+    runner.wait(holding.id, 10)
+    runner.wait(other.id, 10)
+    third = runner.start("download", "c", "c", lambda job: "c")
+    runner.reserve(third, str(tmp_path), 900 * 10**6, "c.gguf")   # finished jobs hold nothing
+    runner.wait(third.id, 10)
+
+
+def test_job_limits_from_the_environment():
+    assert jobs.limits_from_env({}) == jobs.DEFAULT_LIMITS
+    limits = jobs.limits_from_env({jobs.LIMITS_ENV: "convert=2:0, download=3:6"})
+    assert limits["convert"] == jobs.Limit(2, 0) and limits["download"] == jobs.Limit(3, 6)
+    assert limits["compare"] == jobs.DEFAULT_LIMITS["compare"]
+    for bad in ("convert=0:1", "convert=x", "render=1:1", "convert=1:-1"):
+        with pytest.raises(jobs.FluxqError, match=jobs.LIMITS_ENV):
+            jobs.limits_from_env({jobs.LIMITS_ENV: bad})

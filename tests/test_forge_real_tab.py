@@ -85,7 +85,7 @@ def test_real_forge_tab_use_this_and_generate(tmp_path_factory: pytest.TempPathF
 
                     rows = _models_table(page)
                     flux_row = rows[flux["flux"].name]
-                    assert flux_row["level"] == "Q2_K" and flux_row["family"] == "flux-dev", flux_row
+                    assert flux_row["level"] == "Q2_K" and flux_row["family"] == "FLUX.1 [dev]", flux_row
                     assert flux_row["missing parts"] == "none: pairs with " + ", ".join(
                         flux[part].name for part in ("clip", "t5", "ae")), flux_row
                     page.screenshot(path=str(SHOTS / "forge-tab.png"), full_page=True)

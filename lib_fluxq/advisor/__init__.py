@@ -33,6 +33,7 @@ from lib_fluxq.advisor.plan import (
     ModelFile,
     Planner,
     advise,
+    family_vram_gb,
     files_from_reports,
     gpu_weights_mb_for_file,
     gpu_weights_mb_for_loaded_model,
@@ -45,7 +46,7 @@ from lib_fluxq.flux import FLUX_DEV, FLUX_SCHNELL
 __all__ = [
     "FLUX_DEV", "FLUX_SCHNELL", "GPU_PROFILES", "LEVELS", "T5_OPTIONS", "Advice", "Choice", "FileVerdict",
     "GpuProfile", "LevelEstimate", "ModelFile", "Planner", "WeightLevel", "activation_bytes", "add_arguments",
-    "advise", "files_from_reports", "find_gpu_profile", "flux_step_flops", "forge_activation_bytes",
+    "advise", "family_vram_gb", "files_from_reports", "find_gpu_profile", "flux_step_flops", "forge_activation_bytes",
     "gpu_weights_mb_for_file", "gpu_weights_mb_for_loaded_model", "image_tokens", "largest_layer_elements",
     "profile_for_vram", "quantized_parameters", "render_json", "render_text", "resolve_level", "run",
     "scan_models", "sdcpp_params_bytes", "t5_bytes", "transformer_bytes", "transformer_vram_gb",

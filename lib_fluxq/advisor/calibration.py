@@ -1,10 +1,13 @@
 """The advisor's memory and speed models and every constant they use (one place, each with its source).
 
 Memory model (bytes, per generation at height H x width W, batch B)
+  * Every figure is for the planned family's geometry (lib_fluxq.families row -> lib_fluxq.flux shapes); the FLUX.1
+    dev sizes quoted below are examples.
   * weights(level)  = sum over the Flux transformer's tensors (lib_fluxq.flux shapes) of elements x bits / 8, where
     the quantized tensors follow the published city96 recipe (2-D block weights at the level's bits per weight, from
     lib_fluxq.quant.FORMATS; other 2-D weights F16; 1-D F32). NF4 (bitsandbytes, every Linear weight): 4 bits + one
-    fp32 absmax per 64 weights = 4.5 bits. FP8: 8 bits for every 2-D weight. BF16/FP16: 16 bits.
+    fp32 absmax per 64 weights = 4.5 bits. FP8: 8 bits for every 2-D weight. BF16/FP16: 16 bits. SVDQuant (Nunchaku,
+    FLUX.1 in Forge Neo only): its per-layer layout (model.svdq_transformer_bytes).
   * activations     = Forge's own estimate 1.28 x 2B x (H/8) x (W/8) x 2 bytes x 16384 (about 1.28 GiB at 1024^2),
     or the physical working set of one block — tokens x 96 KiB with tokens = H/16 x W/16 + 512 text tokens — if
     larger (only for tiny images).
@@ -77,6 +80,16 @@ SMALL_CARD_BYTES = int(7.5 * GIB)  # below this, plan small renders + refine (th
 NF4_BLOCKSIZE = 64                 # bitsandbytes blocksize used by the Flux NF4 checkpoints (v2: fp32 absmax)
 NF4_ABSMAX_BITS = 32
 PCIE_GBPS_PER_LANE = {3: 0.985, 4: 1.969, 5: 3.938}
+# Nunchaku SVDQuant layout (nunchaku src/Linear.cpp GEMM_W4A4; quantization_config "group_size" 64 / 16, "r32" files)
+SVDQ_INT4_GROUP = 64
+SVDQ_FP4_GROUP = 16
+SVDQ_RANK = 32
+# How much faster Nunchaku's fused W4A4 kernels run the linear layers than the card's bf16 tensor rate (attention
+# stays 16-bit). Calibrated on the one published ratio: "3.0x speedups over the NF4 W4A16 baseline on both the
+# desktop and laptop NVIDIA RTX 4090" (nunchaku README, stored copy @1ecaa4e; SVDQuant paper, arXiv 2411.05007):
+# the value that makes this model's NF4 / SVDQ_INT4 step ratio 3.0 on an RTX 4090 at 1024x1024 (tests check it).
+# FP4 on RTX 50 is given the same factor (no published ratio found).
+SVDQ_LINEAR_SPEEDUP = 5.4
 
 RESOLUTION_PRESETS: list[tuple[int, int]] = [
     (1024, 1024), (896, 1152), (832, 1216), (768, 1344), (768, 1024), (768, 768), (512, 768), (512, 512)]
@@ -84,12 +97,12 @@ RESOLUTION_PRESETS: list[tuple[int, int]] = [
 
 
 # ---------------------------------------------------------------------------------------- RAM while a model loads
-# Peak RSS of the WebUI process from start to the end of the first image, divided by the bytes of the files loaded
-# (Flux transformer GGUF + T5 + CLIP-L + VAE). Measured in real WebUIs, CPU-only, on full-size random FLUX.1-dev GGUFs
-# (Q4_0 6.8 GB, Q5_1 9.0 GB) with a city96-style T5-XXL Q4_0 GGUF, clip_l and ae (the four files: 9.55 GB with the
-# Q4_0, 11.8 GB with the Q5_1), one small txt2img, by the session that filed issue 16 (its figures are quoted below).
-# The opt-in test that re-measures a peak in a real Forge (it prints peak_rss_gb for its files):
-#   flock /tmp/fluxq-bigmem.lock env FORGE_DIR=/tmp/forge .venv-test/bin/python -m pytest -q -s tests/test_forge_real.py
+# Peak RSS of the WebUI process from the request to the end of the first image, divided by the bytes of the files
+# loaded (Flux transformer GGUF + T5 + CLIP-L + VAE). Measured in real WebUIs, CPU-only, on full-size random
+# FLUX.1-dev GGUFs with a city96-style T5-XXL GGUF, clip_l and ae, one small txt2img. The factor is unit-free.
+# Re-measure a Forge row (it prints peak_rss_gb and peak_over_files for Forge alone and with fluxq, one run each):
+#   flock /tmp/fluxq-bigmem.lock env FORGE_DIR=/tmp/forge FLUXQ_FORGE_Q4_DATA=/tmp/fluxq-models/forge_q4_0 \
+#     .venv-test/bin/python -m pytest -q -s tests/test_forge_real.py -k baked_q4_0
 # Update a row here when a new measurement lands; nothing else in the advisor holds a RAM factor.
 # "baked": GGUF types whose class defines ``bake_inner`` in Forge's gguf copy (packages_3rdparty/gguf/quants.py:
 # Q4_0, Q4_1, Q8_0, Q4_K): Forge copies every weight of these into anonymous memory at the first placement.
@@ -99,32 +112,43 @@ BAKED_GGUF_TYPES = frozenset({"Q4_0", "Q4_1", "Q8_0", "Q4_K_S"})
 @dataclass(frozen=True)
 class RamPeak:
     factor: float       # peak RSS / bytes of the files loaded
-    source: str         # what was measured (or, for a target not yet measured, says so)
-    measured: bool = True
+    source: str         # the measurement: what, figures, where, when (or, when not measured, what the figure is)
+    measured: bool = True   # measured for exactly this host, loading and storage
+    basis: str = "measured"  # how the warning names the figure when it is not a measurement of this very case
 
 
+# Forge dfdcbab6, 2026-11-30, this project's 2-core / 24 GB CPU-only machine, the command above: FLUX.1-dev Q4_0
+# 6.80 GB + T5-XXL Q4_0 2.68 GB + clip_l 0.25 GB + ae 0.34 GB = 10.06 GB (9.37 GiB); peak RSS 16.18 GiB for Forge
+# alone, 11.39 GiB with fluxq (report: /tmp/fluxq-models/forge_q4_0/report_q4_0.json, figures in GiB).
+_FORGE_Q4_FILES_GIB = 9.37
 # (host, loading, storage) -> RamPeak. host: "forge" | "neo"; loading: "fluxq" (installed, memory-mapped GGUF,
 # no double residency at bake) | "host" (the WebUI alone); storage: "baked" | "mapped" (GGUF types never baked).
 RAM_PEAKS: dict[tuple[str, str, str], RamPeak] = {
-    ("forge", "host", "baked"): RamPeak(1.78, "Forge alone, Q4_0 + T5/CLIP/VAE: 17.0 GB peak for 9.55 GB of files "
-                                              "(issue 16, real Forge, 2026-11-30)"),
+    ("forge", "fluxq", "baked"): RamPeak(round(11.39 / _FORGE_Q4_FILES_GIB, 2),
+                                         "fluxq in Forge dfdcbab6, Q4_0 + T5/CLIP/VAE: 11.4 GiB peak for 9.37 GiB of "
+                                         "files (tests/test_forge_real.py -k baked_q4_0, 2026-11-30)"),
+    ("forge", "host", "baked"): RamPeak(round(16.18 / _FORGE_Q4_FILES_GIB, 2),
+                                        "Forge dfdcbab6 alone, Q4_0 + T5/CLIP/VAE: 16.2 GiB peak for 9.37 GiB of "
+                                        "files (same run)"),
+    ("forge", "fluxq", "mapped"): RamPeak(1.26, "fluxq in Forge, Q5_1 + modules + LoRA: 14.8 GB peak for 11.8 GB of "
+                                                "files (issue 16, when it was filed)"),
     ("forge", "host", "mapped"): RamPeak(1.81, "Forge alone, Q5_1 + modules + LoRA: 21.3 GB peak for 11.8 GB of files "
                                                "(issue 16)"),
-    ("forge", "fluxq", "mapped"): RamPeak(1.26, "fluxq in Forge, Q5_1 + modules + LoRA: 14.8 GB peak for 11.8 GB of "
-                                                "files (issue 16)"),
-    # 19.1 GB (2.0x) was measured before the bake fix; issue 16 sets <= 1.25x as the target of that fix.
-    ("forge", "fluxq", "baked"): RamPeak(1.25, "fluxq in Forge, Q4_0 + modules: the bake fix's target (issue 16: "
-                                               "<= 1.25x the files; 2.0x before the fix)", measured=False),
     ("neo", "host", "baked"): RamPeak(1.91, "Neo alone, Q4_0 + modules: 18.2 GB peak for 9.55 GB of files "
                                             "(NEO_NOTES section 2, real Neo 2.26)"),
     ("neo", "host", "mapped"): RamPeak(1.42, "Neo alone, Q5_1 + modules: 16.7 GB peak for 11.8 GB of files "
                                              "(real Neo 2.26, 2026-11-30)"),
-    # Neo memory-maps GGUFs itself; fluxq adds only the bake fix there.
-    ("neo", "fluxq", "mapped"): RamPeak(1.42, "as Neo alone: Neo maps GGUFs itself (16.7 GB for 11.8 GB of files)"),
-    ("neo", "fluxq", "baked"): RamPeak(1.25, "fluxq in Neo, Q4_0 + modules: the bake fix's target (issue 16)",
-                                       measured=False),
+    # Neo memory-maps GGUFs itself: with fluxq the mapped types load as in Neo alone, and the baked types are given
+    # Neo alone's measured figure (an upper bound) until fluxq's own loading is measured inside Neo.
+    ("neo", "fluxq", "mapped"): RamPeak(1.42, "Neo alone's figure: Neo maps GGUFs itself (16.7 GB for 11.8 GB of "
+                                              "files)", measured=False,
+                                        basis="Neo alone's measured figure; fluxq in Neo not measured"),
+    ("neo", "fluxq", "baked"): RamPeak(1.91, "Neo alone's figure (18.2 GB for 9.55 GB of files): fluxq's loading in "
+                                             "Neo is not measured yet", measured=False,
+                                       basis="Neo alone's measured figure; fluxq in Neo not measured"),
 }
-# Non-GGUF checkpoints (safetensors BF16 / FP8 / NF4) are read by the WebUI's own loader with or without fluxq.
+# Non-GGUF checkpoints (safetensors BF16 / FP8 / NF4 / SVDQuant) are read by the WebUI's loader with or without fluxq.
 SAFETENSORS_RAM_PEAK = RamPeak(2.0, "safetensors through the WebUI's loader: the file is read into RAM, then copied "
-                                    "into the model once (two copies at the peak); not measured here", measured=False)
+                                    "into the model once (two copies at the peak); not measured here", measured=False,
+                               basis="an estimate for safetensors files, not measured")
 HOSTS = ("forge", "neo")

@@ -40,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model family: " + ", ".join(f.key for f in planned_families())
                              + " (dev / schnell / klein-4b / klein-9b are short names; default dev)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps for time per image")
-    parser.add_argument("--host", choices=HOSTS, default="forge", help="WebUI the RAM figures are for (default forge)")
+    parser.add_argument("--host", choices=HOSTS, default="forge",
+                        help="WebUI to plan for: its RAM figures, the families and formats it runs "
+                             "(SVDQuant: neo only; default forge)")
     parser.add_argument("--json", action="store_true", help="print the advice as JSON")
 
 

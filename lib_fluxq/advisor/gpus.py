@@ -26,6 +26,7 @@ class GpuProfile:
     bf16: bool
     fp8: bool
     datacenter: bool = False
+    sm: int = 0                       # CUDA compute capability x 10 (NVIDIA's published list); 0: not CUDA
 
     @property
     def pcie_gbps(self) -> float:
@@ -33,24 +34,25 @@ class GpuProfile:
 
 
 GPU_PROFILES: list[GpuProfile] = [
-    GpuProfile("GTX 1060 3GB", ("gtx10603gb",), 3, 3.9, 192, 3, 16, False, False),
-    GpuProfile("GTX 1060 6GB", ("gtx1060",), 6, 4.4, 192, 3, 16, False, False),
-    GpuProfile("GTX 1080", ("gtx1080",), 8, 8.9, 320, 3, 16, False, False),
-    GpuProfile("RTX 2060", ("rtx2060",), 6, 25.8, 336, 3, 16, False, False),
-    GpuProfile("RTX 3060", ("rtx3060",), 12, 25.5, 360, 4, 16, True, False),
-    GpuProfile("RTX 3070 Ti Laptop", ("rtx3070tilaptop",), 8, 35.0, 448, 4, 16, True, False),
-    GpuProfile("RTX 3090", ("rtx3090",), 24, 71.0, 936, 4, 16, True, False),
-    GpuProfile("RTX 4060", ("rtx4060",), 8, 30.2, 272, 4, 8, True, True),
-    GpuProfile("RTX 4060 Ti 16GB", ("rtx4060ti16gb", "rtx4060ti"), 16, 44.2, 288, 4, 8, True, True),
-    GpuProfile("RTX 4070", ("rtx4070",), 12, 58.3, 504, 4, 16, True, True),
-    GpuProfile("RTX 4080", ("rtx4080",), 16, 97.5, 717, 4, 16, True, True),
-    GpuProfile("RTX 4090", ("rtx4090",), 24, 165.2, 1008, 4, 16, True, True),
-    GpuProfile("RTX 5090", ("rtx5090",), 32, 209.5, 1792, 5, 16, True, True),
-    GpuProfile("A100 40GB", ("a10040gb", "a100pcie40gb", "a100sxm440gb"), 40, 312, 1555, 4, 16, True, False, True),
-    GpuProfile("A100 80GB", ("a100",), 80, 312, 2039, 4, 16, True, False, True),
-    GpuProfile("H100 PCIe", ("h100pcie",), 80, 756, 2000, 5, 16, True, True, True),
-    GpuProfile("H100", ("h100",), 80, 989, 3350, 5, 16, True, True, True),
-    GpuProfile("H200", ("h200",), 141, 989, 4800, 5, 16, True, True, True),
+    GpuProfile("GTX 1060 3GB", ("gtx10603gb",), 3, 3.9, 192, 3, 16, False, False, sm=61),
+    GpuProfile("GTX 1060 6GB", ("gtx1060",), 6, 4.4, 192, 3, 16, False, False, sm=61),
+    GpuProfile("GTX 1080", ("gtx1080",), 8, 8.9, 320, 3, 16, False, False, sm=61),
+    GpuProfile("RTX 2060", ("rtx2060",), 6, 25.8, 336, 3, 16, False, False, sm=75),
+    GpuProfile("RTX 3060", ("rtx3060",), 12, 25.5, 360, 4, 16, True, False, sm=86),
+    GpuProfile("RTX 3070 Ti Laptop", ("rtx3070tilaptop",), 8, 35.0, 448, 4, 16, True, False, sm=86),
+    GpuProfile("RTX 3090", ("rtx3090",), 24, 71.0, 936, 4, 16, True, False, sm=86),
+    GpuProfile("RTX 4060", ("rtx4060",), 8, 30.2, 272, 4, 8, True, True, sm=89),
+    GpuProfile("RTX 4060 Ti 16GB", ("rtx4060ti16gb", "rtx4060ti"), 16, 44.2, 288, 4, 8, True, True, sm=89),
+    GpuProfile("RTX 4070", ("rtx4070",), 12, 58.3, 504, 4, 16, True, True, sm=89),
+    GpuProfile("RTX 4080", ("rtx4080",), 16, 97.5, 717, 4, 16, True, True, sm=89),
+    GpuProfile("RTX 4090", ("rtx4090",), 24, 165.2, 1008, 4, 16, True, True, sm=89),
+    GpuProfile("RTX 5090", ("rtx5090",), 32, 209.5, 1792, 5, 16, True, True, sm=120),
+    GpuProfile("A100 40GB", ("a10040gb", "a100pcie40gb", "a100sxm440gb"), 40, 312, 1555, 4, 16, True, False, True,
+               sm=80),
+    GpuProfile("A100 80GB", ("a100",), 80, 312, 2039, 4, 16, True, False, True, sm=80),
+    GpuProfile("H100 PCIe", ("h100pcie",), 80, 756, 2000, 5, 16, True, True, True, sm=90),
+    GpuProfile("H100", ("h100",), 80, 989, 3350, 5, 16, True, True, True, sm=90),
+    GpuProfile("H200", ("h200",), 141, 989, 4800, 5, 16, True, True, True, sm=90),
     GpuProfile("Apple M-series (generic)", ("applegpu", "apple"), 16, 14.0, 200, 0, 0, True, False),
 ]
 _PROFILES_BY_NAME = {p.name: p for p in GPU_PROFILES}

@@ -15,6 +15,9 @@ from lib_fluxq.advisor.calibration import (
     FORGE_ACTIVATION_FACTOR,
     NF4_ABSMAX_BITS,
     NF4_BLOCKSIZE,
+    SVDQ_FP4_GROUP,
+    SVDQ_INT4_GROUP,
+    SVDQ_RANK,
     TEXT_TOKENS,
     VAE_DECODE_BYTES_PER_PIXEL,
     VAE_TILE_PIXELS,
@@ -32,16 +35,18 @@ class WeightLevel:
     """One way to store the Flux transformer's weights. ``name`` is what users call the file."""
 
     name: str
-    kind: str                         # "gguf" | "bnb" | "float"
+    kind: str                         # "gguf" | "bnb" | "float" | "svdq" (Nunchaku W4A4)
     qtype: GGMLQuantizationType | None
     bits: float                       # bits per quantized weight, scales included
     fidelity_bits: float              # effective precision used to rank fidelity (== bits except FP8)
     dequant_bytes: float              # GPU memory traffic per weight per step to make it a matmul operand
     scope: str                        # "recipe" (city96: 2-D block weights) | "linear" (every 2-D weight) | "all"
+    #                                   | "svdq" (Nunchaku's per-layer layout, svdq_transformer_bytes)
     lora_patch: bool                  # Forge's default LoRA mode can re-quantize it (FORGE_NOTES section 6)
     stock_forge: bool                 # stock Forge can load it
     tie_order: int                    # at equal fidelity: prefer lower (LoRA-patchable, cheaper dequant)
     candidate: bool = True            # offered as a recommendation (published files exist)
+    format_key: str | None = None     # lib_fluxq.families.FORMATS row when the format limits hosts, archs or GPUs
 
 
 # Block geometry from gguf-py's GGML_QUANT_SIZES, the vocabulary lib_fluxq.quant.FORMATS is built from: the kernel
@@ -83,6 +88,13 @@ LEVELS: dict[str, WeightLevel] = {lv.name: lv for lv in [
                 False, 3, candidate=False),
     WeightLevel("Q3_K_S", "gguf", T.Q3_K, _gguf_bits(T.Q3_K), _gguf_bits(T.Q3_K), _DQ_K, "recipe", False, True, 2),
     WeightLevel("Q2_K", "gguf", T.Q2_K, _gguf_bits(T.Q2_K), _gguf_bits(T.Q2_K), _DQ_K, "recipe", False, True, 2),
+    # Nunchaku SVDQuant W4A4 (Forge Neo only): 4-bit weights *and* activations, a 16-bit rank-32 branch per layer.
+    # Ranked as 4 bits (activations are 4-bit too, so not above the 4.5-bit weight-only levels); sized per layer by
+    # svdq_transformer_bytes; no per-step dequant (fused kernels); Neo composes LoRAs into the low-rank branch.
+    WeightLevel("SVDQ_INT4", "svdq", None, 4 + 16 / SVDQ_INT4_GROUP, 4.0, 0.0, "svdq", True, False, 4,
+                format_key="svdq-int4"),
+    WeightLevel("SVDQ_FP4", "svdq", None, 4 + 8 / SVDQ_FP4_GROUP, 4.0, 0.0, "svdq", True, False, 4,
+                format_key="svdq-fp4"),
 ]}
 
 
@@ -93,6 +105,8 @@ def resolve_level(text: str | None) -> WeightLevel | None:
     t = text.strip().upper().replace(" ", "_").replace("-", "_")
     if t in LEVELS:
         return LEVELS[t]
+    if t.startswith("SVDQ"):   # the inspector's "SVDQuant INT4 (Nunchaku)" / "SVDQuant NVFP4 (Nunchaku)"
+        return LEVELS["SVDQ_FP4" if "FP4" in t else "SVDQ_INT4"]
     if t.startswith(("NF4", "BNB_NF4", "FP4", "BNB_FP4")):
         return LEVELS["NF4"]
     if t.startswith(("FP8", "F8", "FLOAT8")):
@@ -114,8 +128,49 @@ def _is_linear_weight(name: str, shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and name.endswith(".weight")
 
 
+def _svdq_layers(name: str, shape: tuple[int, ...], config: FluxConfig) -> list[tuple[str, int, int]] | None:
+    """How Nunchaku stores one BFL weight: [(kind, out, in)] with kind "w4a4" (attention / MLP linears; a single
+    block's fused linear1 / linear2 become qkv + mlp_fc1 / out_proj + mlp_fc2) or "awq" (the AdaNorm modulation
+    linears, W4A16); None for tensors kept 16-bit (embedders, final layer, norms, biases). nunchaku FluxModel.cpp."""
+    if len(shape) != 2 or not name.startswith(("double_blocks.", "single_blocks.")):
+        return None
+    out, inp = shape
+    if "mod" in name:
+        return [("awq", out, inp)]
+    if name.endswith("linear1.weight"):
+        return [("w4a4", 3 * config.hidden, inp), ("w4a4", out - 3 * config.hidden, inp)]
+    if name.endswith("linear2.weight"):
+        return [("w4a4", out, config.hidden), ("w4a4", out, inp - config.hidden)]
+    return [("w4a4", out, inp)]
+
+
+def svdq_transformer_bytes(fp4: bool, config: FluxConfig = FLUX_DEV, rank: int = SVDQ_RANK) -> int:
+    """Bytes of a Nunchaku SVDQuant file (nunchaku src/Linear.cpp): W4A4 layers hold qweight (4 bits per weight),
+    wscales per group (bf16 per 64 for INT4, fp8 per 16 for FP4), smooth [in] and the rank-``rank`` lora_down /
+    lora_up in bf16 (FP4 adds wcscales [out] bf16 and one f32 wtscale); AWQ layers hold 4-bit qweight with bf16
+    wscales and wzeros per 64; everything else bf16 (biases included)."""
+    total = 0
+    for name, shape in flux_param_shapes(config).items():
+        layers = _svdq_layers(name, shape, config)
+        if layers is None:
+            total += math.prod(shape) * 2
+            continue
+        for kind, out, inp in layers:
+            total += out * inp // 2
+            if kind == "awq":
+                total += 2 * (inp // SVDQ_INT4_GROUP) * out * 2
+                continue
+            group, scale_bytes = (SVDQ_FP4_GROUP, 1) if fp4 else (SVDQ_INT4_GROUP, 2)
+            total += (inp // group) * out * scale_bytes + inp * 2 + (inp + out) * rank * 2
+            if fp4:
+                total += out * 2 + 4
+    return total
+
+
 def transformer_bytes(level: WeightLevel, config: FluxConfig = FLUX_DEV) -> int:
     """Resident bytes of the Flux transformer stored at ``level`` (see module doc for which tensors are quantized)."""
+    if level.scope == "svdq":
+        return svdq_transformer_bytes(level.name == "SVDQ_FP4", config)
     total = 0.0
     for name, shape in flux_param_shapes(config).items():
         n = math.prod(shape)
@@ -151,7 +206,8 @@ def quantized_parameters(level: WeightLevel, config: FluxConfig = FLUX_DEV) -> i
     """Parameters that need dequantizing every step at ``level``."""
     count = 0
     for name, shape in flux_param_shapes(config).items():
-        if level.scope == "recipe" and is_quantized_by_recipe(name, shape) or \
+        if level.scope == "svdq" and _svdq_layers(name, shape, config) is not None or \
+                level.scope == "recipe" and is_quantized_by_recipe(name, shape) or \
                 level.scope in ("linear", "all") and _is_linear_weight(name, shape):
             count += math.prod(shape)
     return count
@@ -194,14 +250,20 @@ def per_token_matmul_parameters(config: FluxConfig = FLUX_DEV) -> int:
     return total
 
 
-def flux_step_flops(width: int, height: int, batch: int = 1, config: FluxConfig = FLUX_DEV,
-                    text_tokens: int = TEXT_TOKENS) -> float:
-    """FLOPs of one transformer evaluation of any Flux-family geometry (FLUX.1, Chroma, FLUX.2): 2 x tokens x the
-    per-token matmul weights + attention 4 x tokens^2 x width per block."""
+def flux_step_flops_parts(width: int, height: int, batch: int = 1, config: FluxConfig = FLUX_DEV,
+                          text_tokens: int = TEXT_TOKENS) -> tuple[float, float]:
+    """(linear, attention) FLOPs of one transformer evaluation: 2 x tokens x the per-token matmul weights, and
+    4 x tokens^2 x width per block. Split because 4-bit-activation kernels (SVDQuant) speed up the first only."""
     tokens = image_tokens(width, height) + text_tokens
     linear = 2 * tokens * per_token_matmul_parameters(config)
     attention = 4 * tokens * tokens * config.hidden * (config.depth + config.depth_single)
-    return float(batch * (linear + attention))
+    return float(batch * linear), float(batch * attention)
+
+
+def flux_step_flops(width: int, height: int, batch: int = 1, config: FluxConfig = FLUX_DEV,
+                    text_tokens: int = TEXT_TOKENS) -> float:
+    """FLOPs of one transformer evaluation of any Flux-family geometry (FLUX.1, Chroma, FLUX.2)."""
+    return sum(flux_step_flops_parts(width, height, batch, config, text_tokens))
 
 
 def forge_activation_bytes(width: int, height: int, batch: int = 1, dtype_size: int = 2) -> int:
@@ -255,6 +317,12 @@ MODEL_ALIASES = {"dev": "flux-dev", "schnell": "flux-schnell", "kontext": "flux-
 def planned_families() -> list[Family]:
     """Every family the advisor can plan for: the family table's rows with a transformer geometry."""
     return [f for f in FAMILIES.values() if f.geometry is not None]
+
+
+def distinct_families() -> list[Family]:
+    """One row per distinct transformer: Kontext / Krea / Klein Base share their twin's weights, so the twin's row
+    stands for them in cross-family tables (the advisor's comparison, compare's VRAM per family)."""
+    return [f for f in planned_families() if f.same_weights_as is None]
 
 
 def resolve_family(name: str) -> Family:

@@ -36,6 +36,7 @@ from lib_fluxq.advisor.calibration import (
     SAFETENSORS_RAM_PEAK,
     SLOW_STEP_SECONDS,
     SMALL_CARD_BYTES,
+    SVDQ_LINEAR_SPEEDUP,
     TEXT_TOKENS,
     VAE_DECODE_FLOPS_PER_PIXEL,
     VAE_WEIGHT_BYTES,
@@ -47,10 +48,11 @@ from lib_fluxq.advisor.model import (
     T5_OPTIONS,
     WeightLevel,
     activation_bytes,
+    distinct_families,
     flux_step_flops,
+    flux_step_flops_parts,
     image_tokens,
     largest_layer_elements,
-    planned_families,
     quantized_parameters,
     resolve_family,
     resolve_level,
@@ -59,7 +61,9 @@ from lib_fluxq.advisor.model import (
     vae_decode_bytes,
 )
 from lib_fluxq.errors import FluxqError
+from lib_fluxq.families import COMPANIONS, FAMILIES, FORMATS, runs_on
 from lib_fluxq.families import HOSTS as HOST_TITLES
+from lib_fluxq.flux import FLUX_DEV, FluxConfig
 from lib_fluxq.hardware import GIB, Hardware, detect
 
 
@@ -216,6 +220,8 @@ class Planner:
     def scratch_bytes(self, level: WeightLevel) -> int:
         if level.kind == "float" and level.name in ("BF16", "FP16") and (self.profile is None or self.profile.bf16):
             return 0
+        if level.kind == "svdq":   # fused 4-bit kernels: no layer is ever dequantized whole
+            return 0
         dtype_size = 2 if (self.profile is None or self.profile.tflops > 10 or self.profile.bf16) else 4
         return largest_layer_elements(self.config) * dtype_size
 
@@ -243,6 +249,27 @@ class Planner:
             return "Forge installs bitsandbytes only for CUDA"
         if level.name == "FP8" and backend == "mps":
             return "MPS has no float8 storage"
+        if level.format_key is not None:
+            return self._format_refusal(level.format_key)
+        return None
+
+    def _format_refusal(self, format_key: str) -> str | None:
+        """Why the family table says this host / family / card cannot run files in this format (SVDQuant: Neo
+        only, FLUX.1 only, Nunchaku's kernels for the card's generation), or None."""
+        fmt = FORMATS[format_key]
+        support = runs_on(self.family.key, format_key, self.host)
+        if not support.runs:
+            return f"{fmt.title}: {HOST_TITLES.get(self.host, self.host)} cannot run it ({support.note})"
+        if fmt.archs and self.family.arch not in fmt.archs:
+            return f"{fmt.title}: no host runs {self.family.title} in this format (Forge Neo loads it as FLUX.1 only)"
+        if fmt.cuda_sm is not None:
+            low, high = fmt.cuda_sm
+            sm = self.profile.sm if self.profile is not None else 0
+            if self.hardware.backend != "cuda" or not low <= sm <= high:
+                card = f"sm_{sm}" if sm else "not an NVIDIA CUDA card"
+                return (f"{fmt.title}: Nunchaku's kernels need CUDA compute capability {low / 10:g}-{high / 10:g} "
+                        f"({support.note.removeprefix('needs Nunchaku: the nunchaku package, ')}); this card is "
+                        f"{card}")
         return None
 
     def ram_peak(self, level: WeightLevel) -> RamPeak:
@@ -251,6 +278,20 @@ class Planner:
             return SAFETENSORS_RAM_PEAK
         storage = "baked" if level.name in BAKED_GGUF_TYPES else "mapped"
         return RAM_PEAKS[(self.host, "fluxq" if self.fluxq_loading else "host", storage)]
+
+    def _ram_peak_warning(self, level: WeightLevel, files: int) -> str:
+        """The load-peak warning: the figure for this host with (or without) fluxq's loading, and how it is known."""
+        peak = self.ram_peak(level)
+        host = HOST_TITLES.get(self.host, self.host).split(" (")[0]
+        with_what = "with fluxq" if self.fluxq_loading else "without fluxq"
+        how = f"measured in a real {host} {with_what}" if peak.measured else peak.basis
+        # memory-mapped files are paged back in from disk; copies (baked types, safetensors) go to the page file
+        effect = ("parts of the files will be re-read from disk (a slow first image)"
+                  if level.kind == "gguf" and self.fluxq_loading else "the first load will use the page file")
+        webui = int(peak.factor * files)
+        return (f"loading these files ({files / GB:.1f} GB) in {host} {with_what} peaks at ~{webui / GB:.0f} GB of "
+                f"RAM in the WebUI ({peak.factor:g}x the files: {how}) + {RAM_BASE_BYTES / GIB:g} GB for the OS, "
+                f"more than the {_gb(self.hardware.ram_total or 0)} GB here: {effect}")
 
     def load_peak_bytes(self, level: WeightLevel, files_bytes: int) -> int:
         """Peak RAM while the WebUI loads ``files_bytes`` of model files (transformer + text encoders + VAE)."""
@@ -264,11 +305,13 @@ class Planner:
         return offloaded + self.te_bytes(t5) + VAE_WEIGHT_BYTES + RAM_BASE_BYTES
 
     # -- speed ----------------------------------------------------------------------------------------------
-    def compute_seconds(self, width: int, height: int) -> float:
+    def compute_seconds(self, width: int, height: int, level: WeightLevel | None = None) -> float:
         if self.profile is None:
             return math.inf
-        return flux_step_flops(width, height, self.batch, self.config) / (self.profile.tflops * 1e12 *
-                                                                           MATMUL_EFFICIENCY)
+        linear, attention = flux_step_flops_parts(width, height, self.batch, self.config)
+        if level is not None and level.kind == "svdq":
+            linear /= SVDQ_LINEAR_SPEEDUP   # 4-bit weights x 4-bit activations (calibration.py)
+        return (linear + attention) / (self.profile.tflops * 1e12 * MATMUL_EFFICIENCY)
 
     def dequant_seconds(self, level: WeightLevel) -> float:
         if self.profile is None:
@@ -286,7 +329,7 @@ class Planner:
     def step_seconds(self, level: WeightLevel, offloaded: int, width: int, height: int,
                      pinned: bool = False, overlap: bool = False) -> float:
         """One sampling step: compute + dequant + streaming the offloaded weights (+ the CPU upcast for FP8)."""
-        gpu = self.compute_seconds(width, height) + self.dequant_seconds(level)
+        gpu = self.compute_seconds(width, height, level) + self.dequant_seconds(level)
         if offloaded <= 0:
             return gpu
         wire, cpu = float(offloaded), 0.0
@@ -451,8 +494,10 @@ class Planner:
                 best = other
         if best is None:
             return None
-        why = "NF4's fused 4-bit matmul skips the per-step dequant" if best.level == "NF4" else \
-            "less dequantization work" if best.offloaded_gb <= est.offloaded_gb else "less data to stream"
+        nunchaku = "Nunchaku's 4-bit kernels (weights and activations); Forge Neo started with --nunchaku"
+        why = ("NF4's fused 4-bit matmul skips the per-step dequant" if best.level == "NF4" else
+               nunchaku if LEVELS[best.level].kind == "svdq" else
+               "less dequantization work" if best.offloaded_gb <= est.offloaded_gb else "less data to stream")
         return Choice(best.level, f"{best.step_s} s/it vs {est.step_s} s/it for {level.name} ({why}); "
                                   f"fidelity {best.fidelity_bits:g} vs {level.fidelity_bits:g} bits/weight",
                       {"step_s": best.step_s, "weights_gb": best.weights_gb, "fit": best.fit})
@@ -578,16 +623,8 @@ class Planner:
                             f"'Diffusion in Low Bits' = 'Automatic (fp16 LoRA)' or use Q8_0/Q5_0/Q4_0/NF4")
         file_bytes = self.weights(level)
         files = file_bytes + self.te_bytes(t5) + VAE_WEIGHT_BYTES
-        peak = self.ram_peak(level)
         if hw.ram_total and self.load_peak_bytes(level, files) > hw.ram_total:
-            how = "measured" if peak.measured else "target, not yet measured"
-            with_what = "with fluxq" if self.fluxq_loading else "without fluxq"
-            # memory-mapped files are paged back in from disk; copies (baked types, safetensors) go to the page file
-            effect = ("parts of the files will be re-read from disk (a slow first image)"
-                      if level.kind == "gguf" and self.fluxq_loading else "the first load will use the page file")
-            warnings.append(f"loading these files ({files / GB:.1f} GB) in {self.host.capitalize()} {with_what} "
-                            f"peaks at ~{self.load_peak_bytes(level, files) / GB:.0f} GB of RAM ({peak.factor:g}x "
-                            f"the files, {how}), more than the {_gb(hw.ram_total)} GB here: {effect}")
+            warnings.append(self._ram_peak_warning(level, files))
         if hw.disk_free is not None and hw.disk_free < file_bytes:
             warnings.append(f"only {_gb(hw.disk_free)} GB free in {hw.disk_path}; the {level.name} file needs "
                             f"{file_bytes / GB:.1f} GB")
@@ -625,9 +662,7 @@ class Planner:
         them: it runs on this host, resident (or near) at >= 4 bits, at the planned size, then the least time per
         image at its own default steps."""
         rows = []
-        for family in planned_families():
-            if family.same_weights_as is not None:   # Kontext / Krea / Klein Base: their twin's row says it all
-                continue
+        for family in distinct_families():
             other = self if family.key == self.model else Planner(
                 self.hardware, self.width, self.height, self.batch, model=family.key, host=self.host,
                 fluxq_loading=self.fluxq_loading)
@@ -641,11 +676,12 @@ class Planner:
             return (not row["runs_here"], tier, row.get("fidelity_bits", 0) < 4, not full_size,
                     row["image_s"] if row["image_s"] is not None else math.inf)
 
-        others = [r for r in rows if r["family"] != self.model and r["level"] is not None and r["runs_here"]]
+        twin = self.family.same_weights_as or self.model   # Kontext / Krea / Klein Base: the row of their weights
+        others = [r for r in rows if r["family"] != twin and r["level"] is not None and r["runs_here"]]
         best = min(others, key=rank, default=None)
         if best is None or rank(best)[1] > 1:
             return {"families": rows}
-        mine = next(r for r in rows if r["family"] == self.model)
+        mine = next(r for r in rows if r["family"] == twin)
         mine_text = (f"{self.family.title} runs only at {mine['level']} ({mine['fit']}, ~{mine['image_s']} s per "
                      "image)" if mine["level"] else f"{self.family.title} does not fit")
         reason = (f"{mine_text} here; {best['title']} {best['level']} is {best['fit']} at {best['width']}x"
@@ -729,23 +765,48 @@ class Planner:
             verdicts.append((key, verdict))
         return [v for _, v in sorted(verdicts, key=lambda kv: kv[0])]
 
+    def _for_family(self, key: str) -> Planner:
+        """This machine and plan for another family's file (its own geometry, steps and host support)."""
+        if key == self.model:
+            return self
+        cache = self.__dict__.setdefault("_family_planners", {})
+        if key not in cache:
+            cache[key] = Planner(self.hardware, self.width, self.height, self.batch, model=key, host=self.host,
+                                 fluxq_loading=self.fluxq_loading)
+        return cache[key]
+
     def _judge(self, item: ModelFile, width: int, height: int) -> tuple[FileVerdict, tuple[Any, ...]]:
         size_gb = round(item.size_bytes / GB, 2)
         family = (item.family or "unknown").lower()
         if item.error is not None:
             return (FileVerdict(item.name, family, None, size_gb, "unreadable", None, item.error), (5, item.name))
-        if family in ("t5xxl", "clip_l", "flux-ae", "vae"):
+        if family in COMPANIONS or family in ("t5xxl", "clip_l", "flux-ae", "vae"):
+            where = f" (models/{COMPANIONS[family].folder})" if family in COMPANIONS else ""
             return (FileVerdict(item.name, family, item.level, size_gb, "component", None,
-                                "text encoder / VAE: see text_encoder for where it goes"), (3, item.name))
-        if not family.startswith("flux") or family.endswith("lora"):
+                                f"text encoder / VAE{where}: see text_encoder for which one the plan uses"),
+                    (3, item.name))
+        row = FAMILIES.get(family)
+        if row is None or row.arch == "sd" or family.endswith("lora"):
             return (FileVerdict(item.name, family, item.level, size_gb, "skipped", None,
-                                "not a Flux transformer"), (4, item.name))
+                                "not a Flux-family transformer"), (4, item.name))
+        if row.geometry is None:
+            return (FileVerdict(item.name, family, item.level, size_gb, "skipped", None,
+                                f"{row.title}: {row.note or 'no geometry to plan with'}"), (4, item.name))
+        if family != self.model:
+            verdict, key = self._for_family(family)._judge(item, width, height)
+            return verdict, key
         level = resolve_level(item.level)
         if level is None:
             return (FileVerdict(item.name, family, item.level, size_gb, "skipped", None,
                                 f"unknown weight level '{item.level}'"), (4, item.name))
         weights = int(item.size_bytes)
         reason_extra = ""
+        # the verdict is the card's; a host that does not run the family says so in the reason (the tab plans
+        # without knowing its host, so the verdict itself must not depend on it)
+        support = self.family.hosts.get(self.host)
+        if support is not None and not support.runs:
+            reason_extra += (f"; {HOST_TITLES.get(self.host, self.host)} does not run {self.family.title}"
+                             + (f" ({support.note})" if support.note else ""))
         expected = self.weights(level)
         if weights > expected * 1.25:  # all-in-one checkpoint: text encoders and VAE ride along
             weights = expected
@@ -754,7 +815,7 @@ class Planner:
             return (FileVerdict(item.name, family, level.name, size_gb, "won't fit", None,
                                 "no GPU: Flux on CPU is impractical" + reason_extra), (2, item.name))
         est = self.estimate(level, width, height, weight_bytes=weights)
-        if not level.stock_forge:
+        if not level.stock_forge and level.kind == "gguf":
             reason_extra += "; stock Forge cannot load IQ types"
         if est.fit in ("resident", "near-resident"):
             return (FileVerdict(item.name, family, level.name, size_gb, "fits", est.step_s,
@@ -818,30 +879,53 @@ def advise(hardware: Hardware, width: int = 1024, height: int = 1024, model: str
                    fluxq_loading=fluxq_loading).advise(files)
 
 
-def transformer_vram_gb(level: str, model_bytes: float, width: int = 1024, height: int = 1024) -> float:
+def transformer_vram_gb(level: str, model_bytes: float, width: int = 1024, height: int = 1024,
+                        config: FluxConfig = FLUX_DEV) -> float:
     """VRAM to keep a transformer of ``model_bytes`` at ``level`` fully resident while sampling ``width``x``height``:
-    weights + activations + the dequant scratch of the largest layer (fp16) + CUDA context. Card-independent; the
-    Planner adds the per-card desktop share and headroom on top."""
+    weights + activations + the dequant scratch of the largest layer (fp16) + CUDA context, for the geometry
+    ``config`` (any family's, from the family table). Card-independent; the Planner adds the per-card desktop share
+    and headroom on top."""
     resolved = resolve_level(level)
     if resolved is None:
         raise FluxqError(f"unknown weight level '{level}'")
-    scratch = 0 if resolved.kind == "float" and resolved.name in ("BF16", "FP16") else largest_layer_elements() * 2
-    return _gb(model_bytes + activation_bytes(width, height) + scratch + CONTEXT_BYTES)
+    dense = resolved.kind == "float" and resolved.name in ("BF16", "FP16") or resolved.kind == "svdq"
+    scratch = 0 if dense else largest_layer_elements(config) * 2
+    return _gb(model_bytes + activation_bytes(width, height, 1, config) + scratch + CONTEXT_BYTES)
+
+
+def family_vram_gb(level: str, width: int = 1024, height: int = 1024) -> dict[str, float | None]:
+    """``transformer_vram_gb`` for every distinct family of the table (family key -> GiB), its weights at ``level``
+    from that family's geometry; None where the level cannot hold that family (SVDQuant: FLUX.1 only)."""
+    resolved = resolve_level(level)
+    if resolved is None:
+        raise FluxqError(f"unknown weight level '{level}'")
+    out: dict[str, float | None] = {}
+    for family in distinct_families():
+        fmt = FORMATS.get(resolved.format_key or "")
+        if fmt is not None and fmt.archs and family.arch not in fmt.archs:
+            out[family.key] = None
+            continue
+        out[family.key] = transformer_vram_gb(level, transformer_bytes(resolved, family.geometry), width, height,
+                                              family.geometry)
+    return out
 
 
 def gpu_weights_mb_for_file(path: str, hardware: Hardware | None = None, width: int = 1024,
                             height: int = 1024) -> int | None:
     """Forge's "GPU Weights (MB)" for this very file (its level read from the header) on ``hardware``.
 
-    None when the file is not a Flux transformer whose level the advisor knows, or on Apple unified memory.
+    None when the file is not a Flux-family transformer (a family table row with a geometry) whose level the advisor
+    knows, or on Apple unified memory.
     """
     from lib_fluxq.inspect import inspect_file
 
     report = inspect_file(path)
     level = resolve_level(getattr(report, "level", None))
-    if getattr(report, "status", "ok") != "ok" or level is None or not str(report.family).startswith("flux"):
+    row = FAMILIES.get(str(getattr(report, "family", "")))
+    if getattr(report, "status", "ok") != "ok" or level is None or row is None or row.geometry is None:
         return None
-    planner = Planner(hardware or detect(os.path.dirname(path) or "."), width, height)
+    # the file's own family (FLUX.1, Chroma, FLUX.2): its geometry sets the weights and the compute reserve
+    planner = Planner(hardware or detect(os.path.dirname(path) or "."), width, height, model=row.key)
     if not planner.hardware.has_gpu:
         return None
     estimate = planner.estimate(level, width, height)

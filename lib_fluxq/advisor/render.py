@@ -42,24 +42,24 @@ def render_text(advice: Advice) -> str:
     if advice.levels and not advice.cpu_only:
         lines.append("")
         lines.append(f"All levels at {advice.width}x{advice.height} (budget {advice.budget_gb} GB):")
-        lines.append(f"  {'level':<8}{'weights':>9}{'needs':>8}  {'fit':<14}{'s/it':>7}")
+        lines.append(f"  {'level':<10}{'weights':>9}{'needs':>8}  {'fit':<14}{'s/it':>7}")
         for e in advice.levels:
             if not LEVELS[e.level].candidate:
                 continue
             step = "-" if e.step_s is None else f"{e.step_s:g}"
-            lines.append(f"  {e.level:<8}{e.weights_gb:>8.2f}G{e.need_gb:>7.2f}G  {e.fit:<14}{step:>7}")
+            lines.append(f"  {e.level:<10}{e.weights_gb:>8.2f}G{e.need_gb:>7.2f}G  {e.fit:<14}{step:>7}")
     if advice.alternative is not None:
         lines.append("")
         lines.append(f"Better on this card: {advice.alternative.value} — {advice.alternative.reason}")
     if advice.families:
         lines.append("")
         lines.append("Each family's best plan here (time per image at its default steps):")
-        lines.append(f"  {'family':<22}{'level':<8}{'fit':<15}{'s/it':>7}{'steps':>6}{'s/image':>9}")
+        lines.append(f"  {'family':<22}{'level':<10}{'fit':<15}{'s/it':>7}{'steps':>6}{'s/image':>9}")
         for row in advice.families:
             step = "-" if row["step_s"] is None else f"{row['step_s']:g}"
             image = "-" if row["image_s"] is None else f"{row['image_s']:g}"
             fit = row["fit"] if row["runs_here"] else "host can't run"
-            lines.append(f"  {row['family']:<22}{row['level'] or '-':<8}{fit:<15}{step:>7}{row['steps']:>6}"
+            lines.append(f"  {row['family']:<22}{row['level'] or '-':<10}{fit:<15}{step:>7}{row['steps']:>6}"
                          f"{image:>9}")
     if advice.files:
         lines.append("")

@@ -9,15 +9,81 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import re
 import stat
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
 
 from lib_fluxq.errors import FluxqError
 
 if TYPE_CHECKING:  # gradio is imported only when the app is built
     import gradio as gr
 
+QUEUE_SIZE = 100   # requests waiting for gradio's workers; beyond, gradio answers "queue is full"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# gradio 4.40's page template loads iframe-resizer from cdnjs and preconnects to Google Fonts
+_EXTERNAL_TAGS = re.compile(rb'<script\b[^>]*\bsrc="https?://[^"]*"[^>]*>\s*</script>|'
+                            rb'<link\b[^>]*\bhref="https?://[^"]*"[^>]*/?>', re.S)
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
+
+
+class OfflinePage:
+    """ASGI middleware: the page itself without gradio's external references. Offline they are console errors
+    (``ERR_NAME_NOT_RESOLVED``); online they tell a CDN and Google that the page was opened. The app needs neither:
+    it is not embedded in an iframe, and its theme uses system fonts."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
+                       send: Callable[[Message], Awaitable[None]]) -> None:
+        if scope["type"] != "http" or scope.get("method") != "GET" or scope.get("path", "").rstrip("/") != "":
+            await self.app(scope, receive, send)
+            return
+        start: Message = {}
+        chunks: list[bytes] = []
+
+        async def rewrite(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            if message["type"] != "http.response.body":
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(chunks)
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            if any(k.lower() == b"content-type" and v.startswith(b"text/html") for k, v in headers):
+                body = _EXTERNAL_TAGS.sub(b"", body)
+            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, rewrite)
+
+
+def index_unnamed_endpoints(blocks: gr.Blocks) -> None:
+    """Make gradio 4.40's page find each event's API description: its client looks events up by number in
+    ``unnamed_endpoints``, which the server leaves empty, and then warns "Too many arguments provided for the
+    endpoint" at every click (gradio issue #9895). Only the number of parameters is read there."""
+    original = blocks.get_api_info
+
+    def get_api_info(all_endpoints: bool = False) -> dict[str, Any] | None:
+        info = original(all_endpoints)
+        if info is None:
+            return info
+        for fn_index, fn in blocks.fns.items():
+            named = info["named_endpoints"].get(f"/{fn.api_name}")
+            if named is not None:
+                parameters = [{"parameter_name": f"param_{i}", "parameter_has_default": True,
+                               "parameter_default": None} for i in range(len(fn.inputs))]
+                info["unnamed_endpoints"][str(fn_index)] = {**named, "parameters": parameters}
+        return info
+
+    blocks.get_api_info = get_api_info
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +92,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "Default: ./models")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7870, help="port (default 7870; 0 picks a free one)")
+    parser.add_argument("--auth", metavar="USER:PASSWORD",
+                        help="ask for this login (as the WebUI's --gradio-auth); use it when --host lets others in")
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    """``USER:PASSWORD`` -> (user, password); None when not given."""
+    if text is None:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise FluxqError("--auth: give USER:PASSWORD (both non-empty), e.g. --auth anna:a-long-passphrase")
+    return user, password
 
 
 def page_assets() -> tuple[str, str]:
@@ -50,6 +128,7 @@ def build_app(models_dir: str) -> gr.Blocks:
                               font_mono=["ui-monospace", "Consolas", "monospace"])
     with gr.Blocks(title="Flux Quant", css=css, head=head, theme=theme, analytics_enabled=False) as app:
         build_tab(StandaloneHost(models_dir))
+    index_unnamed_endpoints(app)
     return app
 
 
@@ -58,12 +137,17 @@ def run(args: argparse.Namespace) -> int:
     _check_models_folder(models)
     if not 0 <= args.port <= 65535:
         raise FluxqError(f"--port {args.port}: give a port between 1 and 65535 (0: any free port)")
+    auth = parse_auth(getattr(args, "auth", None))
     _import_gradio()
     app = build_app(models)
-    app.queue()
+    app.queue(max_size=QUEUE_SIZE)
     print(f"Flux Quant for {models}")
+    if auth is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"Note: {args.host} lets other machines reach this page with no login; add --auth USER:PASSWORD "
+              "(docs/tab.md, Exposing the WebUI)")
+    from starlette.middleware import Middleware
     app.launch(server_name=args.host, server_port=args.port or None, inbrowser=False, show_api=False,
-               quiet=False)
+               quiet=False, auth=auth, app_kwargs={"middleware": [Middleware(OfflinePage)]})
     return 0
 
 

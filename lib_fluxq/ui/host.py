@@ -46,6 +46,12 @@ class StandaloneHost:
         """The GPU Weights (MB) ``apply`` sets in the host's own setting; None where there is none."""
         return None
 
+    def lora_on_gguf(self) -> str | None:
+        """How LoRA reaches GGUF weights here (the tab's LoRA advice): "requant" (fluxq re-quantizes every type),
+        "online" (the WebUI applies LoRA in fp16 at every step), "off" (the WebUI merges LoRAs and fluxq's
+        re-quantization is off: only Q8_0 / Q5_0 / Q4_0 take one), "none" (no Flux loader); None: no WebUI."""
+        return None
+
     def apply(self, checkpoint: str, modules: list[str], gpu_weights_mb: int | None) -> str:
         return ("Standalone app: nothing to switch here. In Forge's Flux Quant tab this button selects the checkpoint, "
                 "the text encoders / VAE and GPU Weights for you, and sets the txt2img size.")
@@ -87,6 +93,16 @@ class WebUIHost(StandaloneHost):
         if gpu_weights_mb is None or not self.can_apply or self._webui.gpu_weights_style() is None:
             return None
         return self._webui.gpu_weights_for(gpu_weights_mb)[0]
+
+    def lora_on_gguf(self) -> str | None:
+        from lib_fluxq.host import forge, probe
+        caps = forge.capabilities() or probe.probe()
+        if not caps.forge_loader or caps.lora_on_gguf not in ("merge", "online"):
+            return "none"
+        if caps.lora_on_gguf == "online":
+            return "online"
+        active = "lora_requant" in forge.active_patches() and forge.setting("fluxq_lora_requant")
+        return "requant" if active else "off"
 
     def apply(self, checkpoint: str, modules: list[str], gpu_weights_mb: int | None) -> str:
         if not self.can_apply:
