@@ -296,7 +296,7 @@ def write_clip_and_ae(clip: Path, ae: Path, python: str, flux_repo: Path) -> Non
 
 def flux_lora_targets() -> dict[str, tuple[int, int]]:
     """kohya LoRA module name -> (out, in) of the FLUX.1 layers it patches: every double block's image/text
-    attention qkv and every single block's linear1 (the big matrices; 57 layers)."""
+    attention qkv and every single block's linear1 (the big matrices; 19 x 2 + 38 = 76 layers)."""
     from lib_fluxq.flux import FLUX_DEV, flux_param_shapes
     shapes = flux_param_shapes(FLUX_DEV)
     targets = {}
