@@ -18,16 +18,13 @@ import threading
 import time
 from pathlib import Path
 
+import gradio_client as client_module  # pinned (requirements-ui.txt): missing is an error, never a skip
+import psutil
 import pytest
 
-pytest.importorskip("gradio", reason="gradio not installed (requirements-ui.txt)")
-client_module = pytest.importorskip("gradio_client", reason="gradio_client not installed (requirements-ui.txt)")
-
-import psutil  # noqa: E402  (after the skips)
-
-from lib_fluxq import catalog, jobs  # noqa: E402
-from tests.test_download import FakeHub  # noqa: E402
-from tests.ui_app import app_env, running_app  # noqa: E402
+from lib_fluxq import catalog, jobs
+from tests.test_download import FakeHub
+from tests.ui_app import app_env, running_app
 
 SECRET = b"root:x:0:0:root:/root:/bin/bash\nfluxq-secret-line\n"
 SOURCE = "models/Stable-diffusion/tiny-flux-dev-bf16.safetensors"
@@ -105,6 +102,12 @@ def _visitor(url: str):
     return client_module.Client(url, verbose=False, httpx_kwargs={"timeout": 120})
 
 
+def _start(visitor, *args, api_name: str) -> str:
+    """A job event's answer as one page: the section's message line (why nothing started) and its job list."""
+    message, jobs_list = visitor.predict(*args, api_name=api_name)
+    return message + jobs_list
+
+
 def _errors(page: str) -> list[str]:
     return ERROR.findall(page)
 
@@ -144,13 +147,13 @@ def test_every_event_refuses_paths_it_did_not_list(site):
         for api, args in (("/convert", (value, "Q8_0", "default", "", False)),
                           ("/convert", (value, "Q8_0", "default", "", True)),
                           ("/compare", (value, "Q8_0"))):
-            message = _one_line_refusal(visitor.predict(*args, api_name=api), forbidden)
+            message = _one_line_refusal(_start(visitor, *args, api_name=api), forbidden)
             assert "not a file the tab listed" in message or "is not" in message or "link" in message, message
         suggestion = visitor.predict(value, "Q8_0", api_name="/suggest_name")
         assert not any(text in str(suggestion) for text in forbidden + ["outside-flux"]), suggestion
     # a listed GGUF is a checkpoint for "Use this" but not a full-precision source: the answer says what it is not
     gguf_label = "models/Stable-diffusion/flux1-dev-Q4_0.gguf"
-    message = _one_line_refusal(visitor.predict(gguf_label, "Q8_0", "default", "", False, api_name="/convert"),
+    message = _one_line_refusal(_start(visitor, gguf_label, "Q8_0", "default", "", False, api_name="/convert"),
                                 forbidden)
     assert message == f"{gguf_label} is not a full-precision or FP8 Flux transformer (F32 / F16 / BF16 / FP8)"
     page, _, _ = visitor.predict(gguf_label, *plan, api_name="/use_this")
@@ -160,12 +163,12 @@ def test_every_event_refuses_paths_it_did_not_list(site):
     for name in ("../../elsewhere/evil.gguf", f"{site['elsewhere']}/evil.gguf", "/tmp/evil.gguf", "sub/evil.gguf",
                  "..", ".evil.gguf", "evil\\..\\x.gguf", "C:evil.gguf", "x" * 300, "../../elsewhere/passwd"):
         for replace in (False, True):
-            message = _one_line_refusal(visitor.predict(SOURCE, "Q8_0", "default", name, replace,
+            message = _one_line_refusal(_start(visitor, SOURCE, "Q8_0", "default", name, replace,
                                                         api_name="/convert"), forbidden)
             assert "plain file name" in message, message
     for key in ("../../../etc/passwd", "/etc/passwd", "clip_l/../../x", "comfyanonymous/flux_text_encoders",
                 "clip_l.safetensors", "", "x" * 3000):
-        message = _one_line_refusal(visitor.predict(key, "", api_name="/download"), forbidden)
+        message = _one_line_refusal(_start(visitor, key, "", api_name="/download"), forbidden)
         assert "is not in the catalog" in message, message
     for size, model in (("../../etc/passwd", "dev"), ("1024x1024", "/etc/passwd"), ("99999999x1", "dev")):
         outputs = visitor.predict("", 8, 32, size, model, api_name="/plan")
@@ -186,7 +189,7 @@ def _wait_mine(visitor, kind: str) -> str:
 def test_visitors_see_only_titles_of_other_visitors_jobs_and_cannot_stop_them(site):
     alice, bob = _visitor(site["url"]), _visitor(site["url"])
     target = site["folder"] / "alice-Q8_0.gguf"
-    page = alice.predict(SOURCE, "Q8_0", "default", "alice-Q8_0", False, api_name="/convert")
+    page = _start(alice, SOURCE, "Q8_0", "default", "alice-Q8_0", False, api_name="/convert")
     assert not _errors(page), page
     page = _wait_mine(alice, "convert")
     assert "wrote models/Stable-diffusion/alice-Q8_0.gguf: Q8_0" in page, page
@@ -196,14 +199,14 @@ def test_visitors_see_only_titles_of_other_visitors_jobs_and_cannot_stop_them(si
     assert "wrote" not in seen_by_bob and "alice-Q8_0" not in seen_by_bob
 
     # Bob's "Stop" and "show" reach only his own jobs
-    page = alice.predict("flux1-dev-q8_0", "", api_name="/download")
+    page = _start(alice, "flux1-dev-q8_0", "", api_name="/download")
     assert not _errors(page) and 'data-state="running"' in page, page
     page = bob.predict(api_name="/stop_download")
     assert 'data-state="running" data-mine="0"' in page and "cancelling" not in page, page
     page = _wait_mine(alice, "download")
     assert re.search(r'data-state="done" data-mine="1"><b>#\d+ download flux1-dev-Q8_0.gguf', page), page
     assert (site["models"] / "Stable-diffusion" / "flux1-dev-Q8_0.gguf").read_bytes() == site["data"]["flux1-dev-q8_0"]
-    page = alice.predict(SOURCE, "Q8_0", api_name="/compare")
+    page = _start(alice, SOURCE, "Q8_0", api_name="/compare")
     assert not _errors(page), page
     _wait_mine(alice, "compare")
     table, plot = alice.predict(api_name="/show_compare")
@@ -212,7 +215,7 @@ def test_visitors_see_only_titles_of_other_visitors_jobs_and_cannot_stop_them(si
     assert "<td>Q8_0</td>" not in str(nothing) and not isinstance(no_plot, str)   # nothing of Alice's: no update
 
     # Alice can stop her own download; it resumes later
-    page = alice.predict("flux1-dev-q6_k", "", api_name="/download")
+    page = _start(alice, "flux1-dev-q6_k", "", api_name="/download")
     alice.predict(api_name="/stop_download")
     page = _wait_mine(alice, "download")
     assert re.search(r'data-state="cancelled" data-mine="1"><b>#\d+ download flux1-dev-Q6_K.gguf', page), page
@@ -224,12 +227,12 @@ def test_an_empty_token_field_never_uses_the_servers_own_login(site):
     """The server runs with HF_TOKEN set (its owner's login); the VAE's repository is gated on this Hub."""
     visitor = _visitor(site["url"])
     target = site["models"] / "VAE" / "ae.safetensors"
-    visitor.predict("ae", "", api_name="/download")
+    _start(visitor, "ae", "", api_name="/download")
     page = _wait_mine(visitor, "download")
     assert "black-forest-labs/FLUX.1-schnell is gated" in page and not target.exists(), page
-    visitor.predict("ae", "   ", api_name="/download")
+    _start(visitor, "ae", "   ", api_name="/download")
     assert "is gated" in _wait_mine(visitor, "download")
-    visitor.predict("ae", site["hub"].token, api_name="/download")   # pasted by the visitor: used
+    _start(visitor, "ae", site["hub"].token, api_name="/download")   # pasted by the visitor: used
     page = _wait_mine(visitor, "download")
     assert re.search(r'data-state="done" data-mine="1"><b>#\d+ download ae.safetensors', page), page
     assert target.read_bytes() == site["data"]["ae"]
@@ -311,7 +314,7 @@ def _fire(visitors: list, requests: list[tuple[str, tuple]]) -> list[str]:
     def send(i: int) -> None:
         api, args = requests[i]
         barrier.wait()
-        answers[i] = visitors[i].predict(*args, api_name=api)
+        answers[i] = _start(visitors[i], *args, api_name=api)
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
     for thread in threads:

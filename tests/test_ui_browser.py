@@ -25,11 +25,15 @@ SHOTS = ROOT / "out" / "ui"
 # Published FLUX.1-dev GGUF sizes (bytes): the inspector reads the real header, the advisor judges the real size.
 SIZED = {"flux1-dev-Q8_0.gguf": ("Q8_0", 12_700_000_000), "flux1-dev-Q4_0.gguf": ("Q4_0", 6_790_000_000),
          "flux1-dev-Q2_K.gguf": ("Q2_K", 4_030_000_000)}
+# Other families, header-faithful at full size (tests/family_files.py, data sparse): file -> (family key, title the
+# models table shows, the parts it needs), typed here.
+OTHER_FAMILIES = {"flux-2-klein-4b-Q8_0.gguf": ("flux2-klein-4b", "FLUX.2 [klein] 4B", ["qwen3_4b", "flux2_vae"]),
+                  "chroma1-hd-Q8_0.gguf": ("chroma", "Chroma", ["t5xxl", "ae"])}
 
 if not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (requirements-test.txt)")
-pytest.importorskip("gradio", reason="gradio not installed (requirements-test.txt)")
+# playwright and gradio are pinned in requirements-test.txt: a missing one is an error, never a skip
+from playwright import sync_api  # noqa: E402
 
 from tests.test_download import FakeHub  # noqa: E402  (after the skips: needs nothing else)
 from tests.ui_app import app_env, running_app  # noqa: E402
@@ -52,6 +56,11 @@ def _build_models(root: Path) -> None:
         os.truncate(path, size)   # sparse: no disk space used
     write_safetensors(checkpoints / "tiny-flux-dev-bf16.safetensors",
                       random_flux_state_dict(SMALL_FLUX, dtype=torch.bfloat16))
+    from lib_fluxq.flux import CHROMA_HD, FLUX2_KLEIN_4B
+    from tests import family_files as ff
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    ff.write_sparse_gguf(checkpoints / "flux-2-klein-4b-Q8_0.gguf", ff.flux_gguf_specs(FLUX2_KLEIN_4B, q8), "flux")
+    ff.write_sparse_gguf(checkpoints / "chroma1-hd-Q8_0.gguf", ff.flux_gguf_specs(CHROMA_HD, q8), "flux")
 
 
 def _clip_l_bytes() -> bytes:
@@ -63,11 +72,11 @@ def _clip_l_bytes() -> bytes:
                  "text_model.embeddings.token_embedding.weight": torch.randn(1400, 768)})   # ~4 MB: a few reads
 
 
-def _ae_bytes() -> bytes:
-    """A small file with the FLUX.1 VAE's decoder input (16 latent channels)."""
+def _vae_bytes(channels: int = 16) -> bytes:
+    """A small file with a VAE's decoder input: 16 latent channels for FLUX.1's ae, 32 for the FLUX.2 VAE."""
     import torch
     from safetensors.torch import save
-    return save({"decoder.conv_in.weight": torch.randn(512, 16, 3, 3)})
+    return save({"decoder.conv_in.weight": torch.randn(512, channels, 3, 3)})
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +88,14 @@ def setup(tmp_path_factory):
         hub.add("comfyanonymous/flux_text_encoders", "clip_l.safetensors", clip)
         from lib_fluxq import catalog
         vae = catalog.get("ae")
-        ae = _ae_bytes()
+        ae = _vae_bytes(16)
         hub.add(vae.repo, vae.filename, ae)
+        vae2 = catalog.for_part("flux2_vae")[0]
+        ae2 = _vae_bytes(32)
+        hub.add(vae2.repo, vae2.filename, ae2)
         with running_app(models, app_env(hub.url), models.parent / "app.log") as (url, _):
             yield {"url": url, "models": models, "log": models.parent / "app.log", "hub": hub, "clip": clip,
-                   "ae": ae}
+                   "ae": ae, "flux2_vae": (vae2, ae2)}
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +143,18 @@ def _expected_plan(models: Path, vram_gb: float | None):
     advice = advisor.advise(hardware, files=files)
     verdicts = {v.name: handlers.verdict_text(v) for v in advisor.Planner(hardware).rank_files(files)}
     return advice, verdicts
+
+
+def _own_verdict(models: Path, name: str, family: str, vram_gb: float) -> str:
+    """The advisor's verdict on file ``name`` planned as its own ``family`` (the inspector reads its level)."""
+    from lib_fluxq import advisor, inspect
+    from lib_fluxq.hardware import detect, with_overrides
+    from lib_fluxq.ui import handlers
+    hardware = with_overrides(detect(str(models)), vram_gb=vram_gb)
+    (report,) = [r for r in inspect.scan([str(models)]) if r.path.endswith(name)]
+    (verdict,) = advisor.Planner(hardware, model=family).rank_files(
+        [advisor.ModelFile(name, report.level, report.file_size, family)])
+    return handlers.verdict_text(verdict)
 
 
 def _gets(page, file_name: str) -> dict[str, str]:
@@ -187,7 +211,7 @@ def test_vram_override_changes_the_recommendation_and_the_verdicts(page, setup):
     assert expected.recommended.value in summary and f"GPU Weights {expected.gpu_weights_mb.value} MB" in summary
     assert summary != before
     rows = {r["file"]: r for r in _table(page, "#fluxq_models")}
-    assert set(rows) == {*SIZED, "tiny-flux-dev-bf16.safetensors"}
+    assert set(rows) == {*SIZED, *OTHER_FAMILIES, "tiny-flux-dev-bf16.safetensors"}
     from lib_fluxq import catalog, families
     for name, (level, _) in SIZED.items():
         assert rows[name]["level"] == level and rows[name]["family"] == families.FAMILIES["flux-dev"].title
@@ -195,6 +219,11 @@ def test_vram_override_changes_the_recommendation_and_the_verdicts(page, setup):
         gets = _gets(page, name)   # each part the family table says FLUX.1 needs, with a button for its file
         assert list(gets) == list(families.FAMILIES["flux-dev"].companions), gets
         assert all(catalog.get(key).part == part for part, key in gets.items()), gets
+    for name, (family, title, parts) in OTHER_FAMILIES.items():   # each judged as its own family, its own parts
+        assert rows[name]["family"] == title and rows[name]["level"] == "Q8_0", rows[name]
+        assert rows[name]["verdict"] == _own_verdict(setup["models"], name, family, vram_gb=8), rows[name]
+        gets = _gets(page, name)
+        assert list(gets) == parts and all(catalog.get(key).part == part for part, key in gets.items()), gets
     assert {r["verdict"].split()[0] for r in rows.values()} >= {"fits", "offloads"}
     page.screenshot(path=str(SHOTS / "planned-8gb.png"), full_page=True)
     text = page.locator("#fluxq_root").inner_text()
@@ -225,7 +254,7 @@ def test_conversion_runs_to_completion_with_visible_progress(page, setup):
     assert "Q8_0" in types
     page.locator("#fluxq_convert_jobs").scroll_into_view_if_needed()
     page.screenshot(path=str(SHOTS / "converted.png"), full_page=True)
-    page.wait_for_function("() => document.querySelector('#fluxq_models').innerText.includes('Q8_0.gguf')",
+    page.wait_for_function("(f) => document.querySelector('#fluxq_models').innerText.includes(f)", arg=output.name,
                            timeout=30_000)
     rows = {r["file"]: r for r in _table(page, "#fluxq_models")}
     assert rows[output.name]["level"].startswith("Q8_0")
@@ -249,14 +278,16 @@ def test_converting_onto_an_existing_file_completes_from_the_page(page, setup):
     existing = folder / "tiny-flux-dev-Q8_0.gguf"
     before = existing.stat().st_mtime_ns
     page.locator("#fluxq_convert_btn").click()
-    page.wait_for_selector("#fluxq_convert_jobs .fluxq-error", timeout=30_000)
-    message = page.locator("#fluxq_convert_jobs .fluxq-error").inner_text()
+    page.wait_for_selector("#fluxq_convert_msg .fluxq-error", timeout=30_000)
+    page.wait_for_timeout(3000)   # the job list's watcher has answered by now: the message is not in its element
+    message = page.locator("#fluxq_convert_msg .fluxq-error").inner_text()
     assert message == ("tiny-flux-dev-Q8_0.gguf already exists in models/Stable-diffusion: tick 'Replace an existing "
                        "file' or give another output name"), message
     assert existing.stat().st_mtime_ns == before
     name = page.locator("#fluxq_convert_name textarea, #fluxq_convert_name input").first
     name.fill("my-flux-q8")
     assert "wrote models/Stable-diffusion/my-flux-q8.gguf: Q8_0" in _convert_and_wait(page)
+    assert page.locator("#fluxq_convert_msg .fluxq-error").count() == 0   # a start clears the message
     assert "Q8_0" in {t.tensor_type.name for t in gguf.GGUFReader(folder / "my-flux-q8.gguf").tensors}
     name.fill("")
     page.locator("#fluxq_convert_replace input").check()
@@ -287,6 +318,8 @@ def test_download_from_the_hub_lands_in_the_right_folder(page, setup):
                            timeout=30_000)
     for name in SIZED:   # the Flux files now pair with the downloaded CLIP-L; T5 and the VAE are still to get
         assert list(_gets(page, name)) == ["t5xxl", "ae"], name
+    for name, (_, _, parts) in OTHER_FAMILIES.items():   # CLIP-L is not theirs: Chroma and Klein need what they did
+        assert list(_gets(page, name)) == parts, name
     page.locator("#fluxq_dl_jobs").scroll_into_view_if_needed()
     page.screenshot(path=str(SHOTS / "downloaded.png"), full_page=True)
     assert page.problems == []
@@ -307,7 +340,27 @@ def test_get_button_of_a_missing_part_downloads_it(page, setup):
     page.wait_for_function("() => !document.querySelector('#fluxq_models [data-fluxq-download=\"ae\"]')",
                            timeout=30_000)
     assert list(_gets(page, name)) == ["t5xxl"]
+    assert list(_gets(page, "chroma1-hd-Q8_0.gguf")) == ["t5xxl"]   # FLUX.1's VAE is Chroma's too
+    assert list(_gets(page, "flux-2-klein-4b-Q8_0.gguf")) == ["qwen3_4b", "flux2_vae"]   # ... not FLUX.2's
     page.screenshot(path=str(SHOTS / "got-part.png"), full_page=True)
+    assert page.problems == []
+
+
+def test_get_button_of_a_flux2_part_downloads_it(page, setup):
+    """"Get FLUX.2 VAE" in the Klein row: the FLUX.2 VAE lands in models/VAE; Klein then needs only its Qwen3-4B,
+    and the FLUX.1 / Chroma rows are unchanged (a 32-channel VAE is not theirs)."""
+    entry, data = setup["flux2_vae"]
+    name = "flux-2-klein-4b-Q8_0.gguf"
+    before = {n: list(_gets(page, n)) for n in [*SIZED, "chroma1-hd-Q8_0.gguf"]}
+    page.locator("#fluxq_models tbody tr", has=page.locator(f"td:text-is('{name}')")).locator(
+        f"[data-fluxq-download='{entry.key}']").click()
+    page.wait_for_function("(f) => document.querySelector('#fluxq_dl_jobs').innerText.includes("
+                           "'saved models/VAE/' + f)", arg=entry.basename, timeout=60_000)
+    assert (setup["models"] / "VAE" / entry.basename).read_bytes() == data
+    page.wait_for_function(f"() => !document.querySelector('#fluxq_models [data-fluxq-download=\"{entry.key}\"]')",
+                           timeout=30_000)
+    assert list(_gets(page, name)) == ["qwen3_4b"]
+    assert {n: list(_gets(page, n)) for n in before} == before
     assert page.problems == []
 
 

@@ -369,15 +369,10 @@ def inventory(listing: Listing | None, plan: Plan) -> Inventory | None:
     if advisor is None:
         note = "verdicts need lib_fluxq.advisor, which is not available yet in this install"
     else:
-        # each file judged as its own family (a FLUX.2 [dev] Q4 weighs 19 GB, a FLUX.1 Q4 7 GB); files the advisor
-        # has no geometry for (text encoders, VAEs, unknown variants) by the family planned for
-        groups: dict[str, list[Any]] = {}
-        for item in advisor.files_from_reports(reports):
-            groups.setdefault(model_for(item.family, plan.model), []).append(item)
-        for model, group in groups.items():
-            planner = advisor.Planner(plan.hardware, plan.width, plan.height, model=model)
-            for verdict in planner.rank_files(group):
-                verdicts[verdict.name] = verdict
+        # the advisor judges each file as its own family (a FLUX.2 [dev] Q4 weighs 19 GB, a FLUX.1 Q4 7 GB)
+        planner = advisor.Planner(plan.hardware, plan.width, plan.height, model=plan.model)
+        for verdict in planner.rank_files(advisor.files_from_reports(reports)):
+            verdicts[verdict.name] = verdict
     return Inventory(files, verdicts, note)
 
 

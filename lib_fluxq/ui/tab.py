@@ -132,19 +132,23 @@ class TabBuilder:
         watch.__name__ = f"watch_{kind}"
         return watch
 
-    def starter(self, kind: str, start: Callable[..., jobs.Job]) -> Callable[..., tuple[str, list[int]]]:
-        """An event that starts a job and adds it to the visitor's own (``mine``, the last input and output)."""
+    def starter(self, kind: str, start: Callable[..., jobs.Job]) -> Callable[..., tuple[str, str, list[int]]]:
+        """An event that starts a job and adds it to the visitor's own (``mine``, the last input and output).
+
+        Outputs: the section's message line (why nothing started; cleared on a start), its job list, ``mine``. The
+        message has its own element: the job list is re-rendered by every watcher of the visitor's jobs, which would
+        wipe a refusal shown there before anyone could read it."""
         runner = self.runner
 
-        def run(*args: Any) -> tuple[str, list[int]]:
+        def run(*args: Any) -> tuple[str, str, list[int]]:
             *inputs, mine = args
             mine = list(mine or [])
             try:
                 job = start(*inputs)
             except FluxqError as exc:
-                return handlers.error_html(exc) + handlers.jobs_html(runner, kind, mine), mine
+                return handlers.error_html(exc), handlers.jobs_html(runner, kind, mine), mine
             mine = [*mine, job.id][-MINE_KEPT:]
-            return handlers.jobs_html(runner, kind, mine), mine
+            return "", handlers.jobs_html(runner, kind, mine), mine
         run.__name__ = f"start_{kind}"
         return run
 
@@ -249,6 +253,7 @@ class TabBuilder:
             with gr.Row():
                 button = gr.Button("Download", variant="primary", elem_id="fluxq_dl_btn", min_width=100)
                 stop = gr.Button("Stop (resumes later)", elem_id="fluxq_dl_cancel", min_width=100)
+            notice = gr.HTML(elem_id="fluxq_dl_msg")
             jobs_view = gr.HTML(handlers.jobs_html(self.runner, "download"), elem_id="fluxq_dl_jobs")
             # the "Get ..." buttons next to a model's missing parts (fluxq.js): the key goes here, then the click
             with gr.Row(elem_classes=["fluxq-offscreen"]):
@@ -260,12 +265,13 @@ class TabBuilder:
                                            listing=self.listing)
 
         self.rescan_after["download"] = button.click(
-            self.starter("download", start), inputs=[key, token, self.mine], outputs=[jobs_view, self.mine],
+            self.starter("download", start), inputs=[key, token, self.mine], outputs=[notice, jobs_view, self.mine],
             api_name="download").then(
             self.watcher("download"), inputs=[self.mine], outputs=[jobs_view], api_name="watch_download",
             **_poll_kwargs())
         self.rescan_after["download_part"] = part_button.click(
-            self.starter("download", start), inputs=[part_key, token, self.mine], outputs=[jobs_view, self.mine],
+            self.starter("download", start), inputs=[part_key, token, self.mine],
+            outputs=[notice, jobs_view, self.mine],
             api_name="download_part").then(
             self.watcher("download"), inputs=[self.mine], outputs=[jobs_view], api_name="watch_download_part",
             **_poll_kwargs())
@@ -293,6 +299,7 @@ class TabBuilder:
             with gr.Row():
                 button = gr.Button("Convert", variant="primary", elem_id="fluxq_convert_btn", min_width=100)
                 cancel = gr.Button("Cancel", elem_id="fluxq_convert_cancel", min_width=100)
+            notice = gr.HTML(elem_id="fluxq_convert_msg")
             jobs_view = gr.HTML(handlers.jobs_html(self.runner, "convert"), elem_id="fluxq_convert_jobs")
 
         def suggest(src: Any, qtype: Any) -> Any:
@@ -309,7 +316,7 @@ class TabBuilder:
 
         self.rescan_after["convert"] = button.click(
             self.starter("convert", start), inputs=[self.convert_src, convert_type, recipe, name, replace, self.mine],
-            outputs=[jobs_view, self.mine], api_name="convert").then(
+            outputs=[notice, jobs_view, self.mine], api_name="convert").then(
             self.watcher("convert"), inputs=[self.mine], outputs=[jobs_view], api_name="watch_convert",
             **_poll_kwargs())
         cancel.click(self.canceller("convert"), inputs=[self.mine], outputs=[jobs_view], api_name="cancel_convert")
@@ -325,6 +332,7 @@ class TabBuilder:
                                     scale=2, min_width=200)
                 button = gr.Button("Compare", variant="primary", elem_id="fluxq_compare_btn", scale=1,
                                    min_width=100)
+            notice = gr.HTML(elem_id="fluxq_compare_msg")
             jobs_view = gr.HTML(handlers.jobs_html(self.runner, "compare"), elem_id="fluxq_compare_jobs")
             table = gr.HTML(elem_id="fluxq_compare_table")
             plot = gr.Image(label="error vs size", type="filepath", interactive=False, elem_id="fluxq_compare_plot")
@@ -345,7 +353,7 @@ class TabBuilder:
             return _update(), _update()
 
         button.click(self.starter("compare", start), inputs=[self.compare_src, levels, self.mine],
-                     outputs=[jobs_view, self.mine], api_name="compare").then(
+                     outputs=[notice, jobs_view, self.mine], api_name="compare").then(
             self.watcher("compare"), inputs=[self.mine], outputs=[jobs_view], api_name="watch_compare",
             **_poll_kwargs()).then(
             show, inputs=[self.mine], outputs=[table, plot], api_name="show_compare")
