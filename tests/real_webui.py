@@ -101,7 +101,10 @@ def running_webui(args: Sequence[str], cwd: str, data_dir: Path, url: str, name:
     "IndexError: list assignment index out of range" in ``init_script_args`` (seen in Forge dfdcbab6)."""
     (data_dir / "extensions").mkdir(parents=True, exist_ok=True)
     link = data_dir / "extensions" / "fluxq"
-    if extension and not link.is_symlink():
+    if extension and not (link.is_symlink() and link.resolve() == REPO):
+        # a data dir shared between checkouts: the link must name the repository under test, not the last one's
+        if link.is_symlink():
+            link.unlink()
         link.symlink_to(REPO)
     elif not extension and link.is_symlink():   # the WebUI alone, same data dir (for side-by-side figures)
         link.unlink()
@@ -113,6 +116,10 @@ def running_webui(args: Sequence[str], cwd: str, data_dir: Path, url: str, name:
     try:
         for _ in range(start_timeout):
             if "Startup time:" in log_path.read_text():
+                # with the port taken the WebUI moves to the next one: the API there would be another server's
+                served = re.search(r"Running on local URL:\s*(\S+)", log_path.read_text())
+                assert served is None or served.group(1).rstrip("/") == url.rstrip("/"), (
+                    f"{name} serves {served.group(1)}, not {url}: another server holds the port; stop it and rerun")
                 try:
                     api(url, "/sdapi/v1/options", timeout=5)
                     break
@@ -289,7 +296,7 @@ def write_clip_and_ae(clip: Path, ae: Path, python: str, flux_repo: Path) -> Non
 
 def flux_lora_targets() -> dict[str, tuple[int, int]]:
     """kohya LoRA module name -> (out, in) of the FLUX.1 layers it patches: every double block's image/text
-    attention qkv and every single block's linear1 (the big matrices; 57 layers)."""
+    attention qkv and every single block's linear1 (the big matrices; 19 x 2 + 38 = 76 layers)."""
     from lib_fluxq.flux import FLUX_DEV, flux_param_shapes
     shapes = flux_param_shapes(FLUX_DEV)
     targets = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers.models.transformers import transformer_flux  # the reference (pinned): missing is an error
 
 from lib_fluxq.flux import FluxConfig
 from lib_fluxq.flux_model import (
@@ -18,8 +19,6 @@ from lib_fluxq.flux_model import (
     text_ids,
 )
 from tests.fixtures import SMALL_FLUX, random_flux_state_dict
-
-transformer_flux = pytest.importorskip("diffusers.models.transformers.transformer_flux")
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 

@@ -68,7 +68,7 @@ def _set_number(page, elem_id: str, value: float) -> None:
 def test_real_forge_tab_use_this_and_generate(tmp_path_factory: pytest.TempPathFactory) -> None:
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (requirements-test.txt)")
+    from playwright import sync_api  # pinned in requirements-test.txt: missing is an error
     SHOTS.mkdir(parents=True, exist_ok=True)
     with model_data_dir(tmp_path_factory, "FLUXQ_FORGE_TAB_DATA", "forge_tab") as data_dir:
         flux = build_flux_models(data_dir)

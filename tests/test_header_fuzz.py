@@ -135,9 +135,12 @@ def test_safetensors_random_json(document) -> None:
     b"{" + b'"a":{' * 50_000 + b"}" * 50_001,    # the same through objects
 ], ids=["unclosed", "closed-lists", "closed-objects"])
 def test_deeply_nested_json_is_a_format_error(body: bytes) -> None:
-    """Must be a FormatError naming the file: parsing successfully (or raising RecursionError) fails the test."""
+    """Must be a FormatError naming the file and saying the JSON itself is the problem. Parsing successfully fails
+    the test even where a later check happens to reject the result (a list is not a header, tensor "a" has no dtype):
+    the reason must be the nesting, not the shape. So does raising RecursionError."""
     path = _DIR / "nested.safetensors"
     path.write_bytes(struct.pack("<Q", len(body)) + body)
     with pytest.raises(FormatError) as caught:
         read_safetensors_header(path)
-    assert caught.value.path == str(path) and caught.value.reason
+    assert caught.value.path == str(path)
+    assert "not valid JSON" in caught.value.reason and "nested" in caught.value.reason, caught.value.reason

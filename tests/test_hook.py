@@ -388,3 +388,25 @@ def test_iq4_types_load_and_dequantize_like_ggml(host: Host, qtype: T) -> None:
         assert np.array_equal(values.numpy(), expected), name
         checked += 1
     assert checked > 0
+
+
+def test_t5_precision_follows_the_ram_the_system_has_free(host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pairing gets the RAM free now (psutil's ``available``), not the total: with both T5 files on disk, one
+    byte under the family table's boundary pairs fp8, the boundary itself fp16."""
+    import psutil
+
+    from lib_fluxq import families
+    parts = host.put("clip_l", "t5xxl", "ae")
+    fp16 = hook_hosts.forge.write(host.models / "text_encoder" / "t5xxl_fp16.safetensors",
+                                  hook_hosts.forge.t5xxl_state_dict(torch.float16))
+    host.m["modules_forge.main_entry"].refresh_models()
+    checkpoint = host.flux_gguf()
+    hook.register_callbacks()
+    boundary = families.companion("t5xxl").full_precision_min_free_ram
+    real = psutil.virtual_memory()
+    for available, expected, other in ((boundary - 1, parts["t5xxl"], fp16), (boundary, fp16, parts["t5xxl"])):
+        memory = real._replace(total=4 * boundary, available=available, free=available)
+        monkeypatch.setattr(psutil, "virtual_memory", lambda memory=memory: memory)
+        host.generate(checkpoint, [])
+        loaded = host.split_log()[-1]
+        assert expected in loaded and other not in loaded, (available, loaded)

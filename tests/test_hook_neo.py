@@ -136,9 +136,11 @@ def test_neo_alone_applies_lora_to_gguf_at_every_step(neo: Host, tmp_path: Path)
 
 
 # Neo's GGUF layers always compute in float16 / bfloat16 (operations.py: anything else becomes float16); fluxq's own
-# classes read GGML bytes at any dtype, so float32 there checks the merge exactly.
+# classes read GGML bytes at any dtype, so float32 there checks the merge exactly. Every type Neo's own classes bake
+# (Q4_0 / Q4_1 / Q8_0 / Q4_K) in bfloat16 too: there even Q8_0's bake_inner changes the bytes (fp16 -> bf16 scales).
 MERGE_CASES = [(q, True, torch.float32) for q in (T.Q4_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q6_K, T.IQ4_XS)] + \
-    [(q, False, torch.float16) for q in (T.Q4_0, T.Q8_0, T.Q4_K, T.Q5_1)] + [(T.Q4_0, False, torch.bfloat16)]
+    [(q, False, torch.float16) for q in (T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q5_1)] + \
+    [(q, False, torch.bfloat16) for q in (T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K)]
 
 
 @pytest.mark.parametrize(("qtype", "forward", "computation"), MERGE_CASES,

@@ -140,7 +140,6 @@ def test_without_forge_loader_the_extension_loads_and_says_so_once(bare: dict[st
 
 def test_without_forge_loader_the_tab_works(bare: dict[str, types.ModuleType], tmp_path: Path) -> None:
     """The tab's machine / advisor / inspect parts on an A1111-like host: built from the WebUI's own script entry."""
-    pytest.importorskip("gradio", reason="the tab needs gradio (requirements-ui.txt)")
     from tests import fixtures
     models = Path(bare["modules.paths"].models_path)
     flux = models / "Stable-diffusion" / "flux-Q4_0.gguf"

@@ -217,7 +217,7 @@ def test_real_neo_tab_use_this(neo_files: tuple[Path, dict[str, Path]]) -> None:
     checkpoint, its three modules (remembered for the UI preset) and GPU Weights as Neo's 0..1 fraction."""
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (requirements-test.txt)")
+    from playwright import sync_api  # pinned in requirements-test.txt: missing is an error
     SHOTS.mkdir(parents=True, exist_ok=True)
     data_dir, files = neo_files
     with running_neo(data_dir, start_timeout=900) as (neo, log_path):

@@ -11,9 +11,8 @@ import zlib
 import numpy as np
 import pytest
 import torch
+import triton  # noqa: F401  pinned in requirements-test.txt (optional at runtime only): missing is an error
 from gguf import GGMLQuantizationType as T
-
-pytest.importorskip("triton")   # pinned in requirements-test.txt; optional at runtime (CPU / Windows installs)
 
 os.environ["TRITON_INTERPRET"] = "1"   # read when the kernels are decorated: set before (re)importing them
 if "lib_fluxq.quant.triton_dequant" in sys.modules:

@@ -18,16 +18,13 @@ import threading
 import time
 from pathlib import Path
 
+import gradio_client as client_module  # pinned (requirements-ui.txt): missing is an error, never a skip
+import psutil
 import pytest
 
-pytest.importorskip("gradio", reason="gradio not installed (requirements-ui.txt)")
-client_module = pytest.importorskip("gradio_client", reason="gradio_client not installed (requirements-ui.txt)")
-
-import psutil  # noqa: E402  (after the skips)
-
-from lib_fluxq import catalog, jobs  # noqa: E402
-from tests.test_download import FakeHub  # noqa: E402
-from tests.ui_app import app_env, running_app  # noqa: E402
+from lib_fluxq import catalog, jobs
+from tests.test_download import FakeHub
+from tests.ui_app import app_env, running_app
 
 SECRET = b"root:x:0:0:root:/root:/bin/bash\nfluxq-secret-line\n"
 SOURCE = "models/Stable-diffusion/tiny-flux-dev-bf16.safetensors"

@@ -32,8 +32,8 @@ OTHER_FAMILIES = {"flux-2-klein-4b-Q8_0.gguf": ("flux2-klein-4b", "FLUX.2 [klein
 
 if not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (requirements-test.txt)")
-pytest.importorskip("gradio", reason="gradio not installed (requirements-test.txt)")
+# playwright and gradio are pinned in requirements-test.txt: a missing one is an error, never a skip
+from playwright import sync_api  # noqa: E402
 
 from tests.test_download import FakeHub  # noqa: E402  (after the skips: needs nothing else)
 from tests.ui_app import app_env, running_app  # noqa: E402

@@ -147,7 +147,6 @@ def test_each_file_is_judged_as_its_own_family(models):
 def test_use_this_plans_gpu_weights_for_the_checkpoints_family(models):
     """"Use this" on each family's file: its own parts are missing (with Get buttons), the host line is the family's,
     and GPU Weights is the advisor's for that family, whatever the Model field says."""
-    pytest.importorskip("gradio")
     from lib_fluxq.ui.tab import TabBuilder
     builder = TabBuilder(StandaloneHost(str(models)), jobs.JobRunner())
     builder.detected = gpu_machine()

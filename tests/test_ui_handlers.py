@@ -317,7 +317,6 @@ def test_download_job_lands_in_the_catalog_folder(models, monkeypatch):
 def test_catalog_rows_and_tab_build(models):
     rows = handlers.catalog_rows()
     assert len(rows) == len(handlers.catalog.CATALOG) and all(len(r) == len(handlers.CATALOG_COLUMNS) for r in rows)
-    pytest.importorskip("gradio")
     from lib_fluxq.ui.tab import build_tab
     blocks = build_tab(StandaloneHost(str(models)), jobs.JobRunner())
     ids = {getattr(block, "elem_id", None) for block in blocks.blocks.values()}

@@ -1,10 +1,13 @@
 """The advisor's memory and speed models and every constant they use (one place, each with its source).
 
 Memory model (bytes, per generation at height H x width W, batch B)
+  * Every figure is for the planned family's geometry (lib_fluxq.families row -> lib_fluxq.flux shapes); the FLUX.1
+    dev sizes quoted below are examples.
   * weights(level)  = sum over the Flux transformer's tensors (lib_fluxq.flux shapes) of elements x bits / 8, where
     the quantized tensors follow the published city96 recipe (2-D block weights at the level's bits per weight, from
     lib_fluxq.quant.FORMATS; other 2-D weights F16; 1-D F32). NF4 (bitsandbytes, every Linear weight): 4 bits + one
-    fp32 absmax per 64 weights = 4.5 bits. FP8: 8 bits for every 2-D weight. BF16/FP16: 16 bits.
+    fp32 absmax per 64 weights = 4.5 bits. FP8: 8 bits for every 2-D weight. BF16/FP16: 16 bits. SVDQuant (Nunchaku,
+    FLUX.1 in Forge Neo only): its per-layer layout (model.svdq_transformer_bytes).
   * activations     = Forge's own estimate 1.28 x 2B x (H/8) x (W/8) x 2 bytes x 16384 (about 1.28 GiB at 1024^2),
     or the physical working set of one block — tokens x 96 KiB with tokens = H/16 x W/16 + 512 text tokens — if
     larger (only for tiny images).
