@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
+import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,7 +159,9 @@ def format_table(comparison: Comparison) -> str:
               "full-precision",
               "  block, mean over the sampled blocks. dequant M/s: million weights/s to float32 on one CPU thread "
               "(best of several runs",
-              "  of that thread's CPU time): a CPU figure, only indicative of speed on a GPU.",
+              "  of that thread's CPU time): INDICATIVE ONLY, it moves by up to ~1.7x between runs on a busy machine "
+              "and says",
+              "  little about a GPU; the other columns are repeatable.",
               f"  {comparison.seconds:.0f} s in all."]
     lines += _family_vram_table(comparison)
     return "\n".join(lines)
@@ -319,9 +321,11 @@ def write_plot(comparison: Comparison, path: str) -> None:
     fig = build_figure(comparison)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(suffix=".png", dir=target.parent)
-    os.close(handle)
+    temp = str(target.parent / f".{target.stem}.{os.getpid()}-{secrets.token_hex(4)}.png")
     try:
+        # O_EXCL: never reuse someone else's file; mode 0o666 so the umask applies as for any new file (mkstemp's
+        # 0o600 would leave the user's plot readable by its owner only)
+        os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         fig.savefig(temp, dpi=_PLOT_DPI)
         os.replace(temp, target)
     finally:

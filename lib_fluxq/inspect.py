@@ -198,7 +198,7 @@ def inspect_file(path: str | os.PathLike[str], hash: bool = False, folder: str |
     report.file_size = found.size
     if found.kind == detect.PICKLE:
         report.format, report.status = "pickle", "skipped"
-        report.error = "pickle checkpoint: not inspected (reading it would run its code); convert it to safetensors"
+        report.error = detect.not_a_model(found).describe()  # the same words as every other command
         return report
     if found.kind not in detect.MODEL_KINDS:
         return _unreadable(report, detect.not_a_model(found).describe())

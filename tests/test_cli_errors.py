@@ -19,7 +19,13 @@ import gguf
 import pytest
 import torch
 
-from tests.fixtures import random_flux_state_dict, recipe_qtype, write_gguf, write_safetensors
+from tests.fixtures import (
+    drop_root_permission_override,
+    random_flux_state_dict,
+    recipe_qtype,
+    write_gguf,
+    write_safetensors,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -36,6 +42,8 @@ COMMANDS = {
 # inputs a command accepts as they are: an empty folder is a valid (empty) models folder for advise and the tab, and
 # the tab creates a missing models folder on its first download.
 ACCEPTED = {"advise": {"empty_folder", "directory_as_file"}, "ui": {"empty_folder", "directory_as_file", "missing"}}
+# known gaps in code this file's owner does not own, each checked by its own xfail test below (reported to the lead)
+KNOWN_GAPS = {("ui", "no_read_permission_folder")}
 
 
 def _build_inputs(root: Path) -> dict[str, Path]:
@@ -97,9 +105,13 @@ def _build_inputs(root: Path) -> dict[str, Path]:
     cases["dangling_symlink"] = root / "dangling" / "model.safetensors"
     cases["missing"] = root / "nowhere" / "flux1-dev-Q4_0.gguf"
     cases["path_through_a_file"] = cases["passwd_text"] / "model.gguf"
-    if os.geteuid() != 0:  # root reads a chmod-000 file anyway; the FIFO and the folder cases work as root too
-        put("no_read_permission", "locked.safetensors", raw)
-        cases["no_read_permission"].chmod(0)
+    # no read permission: the commands run without root's permission override (drop_root_permission_override)
+    put("no_read_permission", "locked.safetensors", raw)
+    cases["no_read_permission"].chmod(0)
+    (root / "locked_folder" / "models").mkdir(parents=True)
+    write_safetensors(root / "locked_folder" / "models" / "inside.safetensors", random_flux_state_dict())
+    (root / "locked_folder" / "models").chmod(0)
+    cases["no_read_permission_folder"] = root / "locked_folder" / "models"
     return cases
 
 
@@ -115,17 +127,18 @@ def _fingerprint(root: Path) -> dict[str, str]:
                 out[str(path)] = "fifo"
             elif path.is_dir():
                 out[str(path)] = "dir"
-            elif os.access(path, os.R_OK):
-                out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
             else:
-                out[str(path)] = f"unreadable:{path.stat().st_size}"
+                try:  # root (the test process keeps its permission override) hashes the locked file too
+                    out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+                except PermissionError:
+                    out[str(path)] = f"unreadable:{path.stat().st_size}:{path.stat().st_mtime_ns}"
     return out
 
 
-def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _run(argv: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     try:
         return subprocess.run([sys.executable, "-m", "lib_fluxq", *argv], cwd=cwd, env=ENV, capture_output=True,
-                              text=True, timeout=120)
+                              text=True, timeout=timeout, preexec_fn=drop_root_permission_override)
     except subprocess.TimeoutExpired as exc:  # e.g. a FIFO opened for reading, or the tab started a server
         return subprocess.CompletedProcess(argv, -1, stdout=str(exc.stdout), stderr="TIMEOUT")
 
@@ -142,7 +155,7 @@ def test_every_command_gives_one_line_for_every_broken_input(broken) -> None:
     cwd.mkdir(exist_ok=True)
     before = _fingerprint(root)
     jobs = [(command, kind, path) for command in COMMANDS for kind, path in cases.items()
-            if kind not in ACCEPTED.get(command, ())]
+            if kind not in ACCEPTED.get(command, ()) and (command, kind) not in KNOWN_GAPS]
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(lambda job: _run(COMMANDS[job[0]](str(job[2])), cwd), jobs))
     failures = []
@@ -164,6 +177,15 @@ def test_every_command_gives_one_line_for_every_broken_input(broken) -> None:
     assert _fingerprint(root) == before  # no input changed, nothing written (cwd stays empty too)
 
 
+@pytest.mark.xfail(reason="known gap (lib_fluxq/ui/app.py, owned by the tab): ui --models on a folder without read "
+                          "permission starts the app instead of refusing in one line", strict=False)
+def test_ui_refuses_a_models_folder_it_cannot_read(broken) -> None:
+    root, cases = broken
+    path = cases["no_read_permission_folder"]
+    done = _run(COMMANDS["ui"](str(path)), root, timeout=60)  # the app, once started, serves until killed
+    assert done.returncode == 1 and "permission denied" in done.stderr and str(path) in done.stderr, done
+
+
 def test_messages_say_what_the_file_is_by_content_and_quote_no_bytes(broken) -> None:
     """The extension does not decide the diagnosis, and nothing read from a non-model file appears in a message."""
     root, cases = broken
@@ -179,6 +201,7 @@ def test_messages_say_what_the_file_is_by_content_and_quote_no_bytes(broken) -> 
         "symlink_loop": "symbolic link loop", "dangling_symlink": "symbolic link to a missing file",
         "fifo": "not a regular file", "directory_as_file": "is a folder", "missing": "file not found",
         "path_through_a_file": "file not found", "gguf_bad_version": "unknown version",
+        "no_read_permission": "permission denied",
     }
     jobs = list(expected.items())
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -215,6 +238,35 @@ def test_inspect_lists_each_real_file_once_and_broken_files_last(tmp_path) -> No
                            capture_output=True, text=True, timeout=120)
     rows = [line for line in table.stdout.splitlines() if line and not line.startswith(("FILE", " "))]
     assert [row.split()[0] for row in rows] == ["flux.gguf", "z-second.safetensors", "a-broken.safetensors"]
+
+
+def test_advise_and_the_tab_list_each_real_file_once_and_broken_files_last(tmp_path) -> None:
+    """The same folder, with a link back up the tree and a second name for a file, through advise --models and the
+    tab's file table (given the models root and a subfolder, as a WebUI host does): each real file once, the broken
+    one last as unreadable with its reason."""
+    from lib_fluxq.ui import handlers
+
+    models = tmp_path / "models"
+    (models / "Stable-diffusion").mkdir(parents=True)
+    good = models / "Stable-diffusion" / "flux-Q8_0.gguf"
+    write_gguf(good, random_flux_state_dict(), recipe_qtype(gguf.GGMLQuantizationType.Q8_0))
+    (models / "Stable-diffusion" / "a-cut-Q8_0.gguf").write_bytes(good.read_bytes()[:3000])  # sorts first by name
+    os.symlink(models, models / "Stable-diffusion" / "parent")
+    os.symlink(good, models / "Stable-diffusion" / "alias-Q8_0.gguf")
+    done = subprocess.run([sys.executable, "-m", "lib_fluxq", "advise", "--vram", "8", "--ram", "16", "--models",
+                           str(models), "--json"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    files = json.loads(done.stdout)["files"]
+    assert sorted(f["name"] for f in files) == ["a-cut-Q8_0.gguf", "flux-Q8_0.gguf"], files
+    assert files[-1]["name"] == "a-cut-Q8_0.gguf" and files[-1]["verdict"] == "unreadable", files
+    assert "download it again" in files[-1]["reason"]
+    plan = handlers.make_plan(handlers.detect_machine(), "", 8, 16)
+    inventory = handlers.inventory(handlers.new_listing([str(models), str(models / "Stable-diffusion")]), plan)
+    real = [os.path.realpath(entry.real) for entry in inventory.files]
+    assert real == [str(good.resolve()), str((models / "Stable-diffusion" / "a-cut-Q8_0.gguf").resolve())], real
+    rows = handlers.model_rows(inventory)
+    assert len(rows) == 2 and rows[-1][0] == "a-cut-Q8_0.gguf" and rows[-1][2] == "unreadable", rows
+    assert "download it again" in rows[-1][-1]
 
 
 _PROBE = """

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -176,6 +177,9 @@ def test_cli_json_and_plot(tmp_path, small_flux):
     assert [lv["level"] for lv in data["levels"]] == ["Q8_0", "FP8", "Q4_K", "NF4"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 20_000
     assert [p.name for p in plot.parent.iterdir()] == ["compare.png"]   # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert plot.stat().st_mode & 0o777 == 0o666 & ~umask  # permissions as for any new file, not a temp file's 0o600
 
 
 def _sha(path: Path) -> bytes:

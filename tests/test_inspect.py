@@ -37,7 +37,7 @@ from lib_fluxq.formats.gguf_header import read_gguf_header
 from lib_fluxq.formats.safetensors_header import read_safetensors_header
 from lib_fluxq.inspect import FileReport, inspect_file, scan
 from tests import family_files
-from tests.fixtures import SMALL_FLUX, random_flux_state_dict, recipe_qtype, write_gguf
+from tests.fixtures import SMALL_FLUX, drop_root_permission_override, random_flux_state_dict, recipe_qtype, write_gguf
 
 Q = gguf.GGMLQuantizationType
 REPO = Path(__file__).resolve().parents[1]
@@ -463,18 +463,28 @@ def test_bad_files_are_unreadable_and_scan_continues(tmp_path: Path) -> None:
 
 
 def test_permission_denied(tmp_path: Path) -> None:
+    """A file and a folder without read permission: in a child process that meets permission bits even as root."""
     path = save(tmp_path / "locked.safetensors", flux_sd())
+    (tmp_path / "locked_folder").mkdir()
+    save(tmp_path / "locked_folder" / "inside.safetensors", flux_sd())
     path.chmod(0)
+    (tmp_path / "locked_folder").chmod(0)
+    probe = ("import json, sys; from lib_fluxq.inspect import inspect_file, scan; "
+             "r = inspect_file(sys.argv[1]); s = scan([sys.argv[2]]); "
+             "print(json.dumps([[r.status, r.error], [[x.path, x.status, x.error] for x in s]]))")
     try:
-        try:
-            open(path, "rb").close()
-            pytest.skip("running as a user that chmod cannot lock out (root)")
-        except PermissionError:
-            pass
-        r = inspect_file(path)
-        assert r.status == "unreadable" and "ermission" in r.error
+        done = subprocess.run([sys.executable, "-c", probe, str(path), str(tmp_path)], capture_output=True, text=True,
+                              timeout=120, preexec_fn=drop_root_permission_override,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        assert done.returncode == 0, done.stderr
+        (status, error), scanned = json.loads(done.stdout)
+        assert status == "unreadable" and "permission denied" in error
+        assert [(Path(p).name, s) for p, s, _ in scanned] == [("locked.safetensors", "unreadable"),
+                                                             ("locked_folder", "unreadable")]
+        assert all("permission denied" in e for _, _, e in scanned)
     finally:
         path.chmod(0o644)
+        (tmp_path / "locked_folder").chmod(0o755)
 
 
 def test_scan_of_webui_root_and_symlinked_folder_loop(tmp_path: Path) -> None:
