@@ -197,7 +197,9 @@ def test_real_neo_refine_via_api(neo_files: tuple[Path, dict[str, Path]]) -> Non
     loads = model_loads(log)
     print("REAL NEO refine:", json.dumps({"seconds": round(seconds, 1), "peak_rss_gb": round(rss["peak"] / GB, 2),
                                           "loads": loads, "refine_log": re.findall(r"^\[fluxq refine\].*$", log,
-                                                                                   flags=re.M)}, indent=1))
+                                                                                   flags=re.M),
+                                          "infotext": json.loads(result["info"])["infotexts"][0],
+                                          "console_tail": log[-4000:]}, indent=1))
     assert len(result["images"]) == 1
     assert _decode(result["images"][0]).size == R.target_size(64, 64, 1.5) == (96, 96)
     assert [name for name, _ in loads] == [files["q4_0"].name, files["sd15"].name], log[-3000:]
