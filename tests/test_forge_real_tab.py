@@ -15,6 +15,7 @@ Needs ~8 GB of disk (kept when FLUXQ_FORGE_TAB_DATA names a data dir), ~8 GB RAM
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -134,12 +135,19 @@ def test_real_forge_tab_use_this_and_generate(tmp_path_factory: pytest.TempPathF
                     page.wait_for_function("(name) => [...document.querySelectorAll('.model_selection input')]"
                                            ".some(i => i.value.startsWith(name))", arg=flux["flux"].name,
                                            timeout=30_000)
-                    shown_modules = page.evaluate("""() => [...document.querySelectorAll('[data-testid=block-info]')]
+                    # each of Forge's dropdowns gets its value from its own load event: the modules may arrive after
+                    # the checkpoint, so wait for them (a page that never shows them still fails here)
+                    modules_js = """() => [...document.querySelectorAll('[data-testid=block-info]')]
                         .filter(s => s.textContent.trim() === 'VAE / Text Encoder')
                         .flatMap(s => [...s.closest('.block').querySelectorAll('.token span')])
-                        .map(t => t.textContent)""")
-                    assert sorted(shown_modules) == sorted(flux[part].name for part in ("clip", "t5", "ae")), \
-                        shown_modules
+                        .map(t => t.textContent)"""
+                    expected_modules = sorted(flux[part].name for part in ("clip", "t5", "ae"))
+                    with contextlib.suppress(sync_api.TimeoutError):   # the assertion below says what it shows
+                        page.wait_for_function(f"(n) => ({modules_js})().length >= n", arg=len(expected_modules),
+                                               timeout=30_000)
+                    shown_modules = page.evaluate(modules_js)
+                    assert sorted(shown_modules) == expected_modules, (shown_modules, api("/sdapi/v1/options").get(
+                        "forge_additional_modules"))
                     page.screenshot(path=str(SHOTS / "forge-after-reload.png"), full_page=False)
                     assert checkpoint_box.input_value().startswith(flux["flux"].name)
 

@@ -163,6 +163,12 @@ def _check_models_folder(models: str) -> None:
         raise FluxqError(f"--models {path_error(models, exc)}") from None
     if not stat.S_ISDIR(mode):
         raise FluxqError(f"--models {models}: is not a folder (give the WebUI's models folder)")
+    try:   # a folder the app cannot list would start a page that shows no files and cannot save any
+        os.listdir(models)
+    except OSError as exc:
+        from lib_fluxq.formats.detect import path_error
+
+        raise FluxqError(f"--models {path_error(models, exc)}") from None
 
 
 def _import_gradio() -> None:
