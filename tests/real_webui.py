@@ -71,8 +71,9 @@ def model_loads(log_text: str) -> list[tuple[str, list[str]]]:
     """(checkpoint file name, additional module file names) of every "Loading Model:" line the WebUI printed
     (forge_model_reload)."""
     loads = []
-    for match in re.finditer(r"^Loading Model: \{'checkpoint_info': \{'filename': '([^']*)'.*?'additional_modules': "
-                             r"(\[[^\]]*\])", log_text, flags=re.M):
+    # a tqdm bar's cursor-up escape or carriage return may sit right before the line (Neo's console)
+    for match in re.finditer(r"(?:^|\x1b\[A|\r)Loading Model: \{'checkpoint_info': \{'filename': '([^']*)'"
+                             r".*?'additional_modules': (\[[^\]]*\])", log_text, flags=re.M):
         loads.append((Path(match.group(1)).name, [Path(m).name for m in ast.literal_eval(match.group(2))]))
     return loads
 

@@ -195,9 +195,9 @@ def test_real_neo_refine_via_api(neo_files: tuple[Path, dict[str, Path]]) -> Non
         after = api("/sdapi/v1/options")
         log = log_path.read_text()[offset:]
     loads = model_loads(log)
+    refine_log = re.findall(r"(?:^|\x1b\[A|\r)(\[fluxq refine\].*)$", log, flags=re.M)   # after tqdm's escapes too
     print("REAL NEO refine:", json.dumps({"seconds": round(seconds, 1), "peak_rss_gb": round(rss["peak"] / GB, 2),
-                                          "loads": loads, "refine_log": re.findall(r"^\[fluxq refine\].*$", log,
-                                                                                   flags=re.M),
+                                          "loads": loads, "refine_log": refine_log,
                                           "infotext": json.loads(result["info"])["infotexts"][0],
                                           "console_tail": log[-4000:]}, indent=1))
     assert len(result["images"]) == 1

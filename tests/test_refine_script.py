@@ -386,3 +386,26 @@ def test_refined_pixels_come_from_the_img2img_result(checkpoints):
     processed = _txt2img(processing, runner, args)
     expected = src.resize((1024, 1536), Image.Resampling.LANCZOS)
     assert np.array_equal(np.asarray(processed.images[0]), np.asarray(expected))
+
+
+def test_host_that_rounds_the_img2img_size_still_gives_the_planned_size(checkpoints):
+    """The Neo 2.26 copy in exo101/sd-webui-forge-neo-v3 rounds every job's size to multiples of 64: a 64x64 Flux
+    image refined at scale 1.5 came back 128x128 from a real Neo. The refined image has the planned size."""
+    record, host, script, runner, processing, shared = _setup(checkpoints)
+    process_images = processing.process_images
+
+    def rounding(p):
+        if type(p).__name__ == "StableDiffusionProcessingImg2Img":
+            p.width, p.height = (max((v + 32) // 64 * 64, 64) for v in (p.width, p.height))
+        return process_images(p)
+
+    processing.process_images = rounding
+    args = runner.init_script_args({"fluxq refine": {"args": [{"enable": True, "checkpoint": "dreamshaper8",
+                                                               "scale": 1.5, "faces": False}]}})
+    p = processing.StableDiffusionProcessingTxt2Img(prompt="a cat", width=64, height=64, seed=1, steps=1,
+                                                    cfg_scale=1.0, sampler_name="Euler", scheduler="Simple")
+    p.scripts, p.script_args = runner, args
+    processed = rounding(p)
+    refine_jobs = [j for j in record.jobs if j["kind"] == "StableDiffusionProcessingImg2Img"]
+    assert [j["size"] for j in refine_jobs] == [(128, 128)]   # what the host really rendered
+    assert [im.size for im in processed.images] == [R.target_size(64, 64, 1.5)] == [(96, 96)]

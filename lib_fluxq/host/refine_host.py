@@ -188,7 +188,12 @@ def img2img(p: Any, image: Image.Image, mask: Image.Image | None, *, denoise: fl
             close()
     if not result.images:
         raise R.RefineError("the refine img2img job returned no image (interrupted?)")
-    return result.images[0]
+    image = result.images[0]
+    if image.size != tuple(size):
+        # some hosts round the job's size (the Neo 2.26 copy in exo101/sd-webui-forge-neo-v3 to multiples of 64:
+        # 96x96 came back 128x128); the tiles, face crop and paste are laid out for the planned size
+        image = image.resize(tuple(size), Image.Resampling.LANCZOS)
+    return image
 
 
 # ------------------------------------------------------------------------------------------------ the script
