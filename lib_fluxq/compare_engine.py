@@ -28,6 +28,9 @@ from lib_fluxq.compare import (
 )
 from lib_fluxq.errors import FluxqError, FormatError
 from lib_fluxq.flux import (
+    CHROMA,
+    FLUX1,
+    FLUX2,
     FLUX_DEV,
     FluxConfig,
     flux_param_shapes,
@@ -253,6 +256,7 @@ class SyntheticSource(WeightSource):
 
 _CONDITIONING_PREFIXES = ("time_in.", "vector_in.", "guidance_in.")
 _FLOAT_STORAGE = ("F32", "F16", "BF16")
+_LAYOUT_TITLES = {CHROMA: "Chroma", FLUX2: "FLUX.2"}
 
 
 class FileSource(WeightSource):
@@ -279,6 +283,11 @@ class FileSource(WeightSource):
                                         "needs full-precision weights as its reference", tensor=below_f16[0].name,
                                   fix=_FULL_PRECISION_FIX)
             config = self._source.config
+            if config.arch != FLUX1:
+                # compare's blocks are FLUX.1's (per-block modulation, GELU MLP); Chroma and FLUX.2 blocks differ
+                raise FormatError(path, f"is a {_LAYOUT_TITLES.get(config.arch, config.arch)} transformer; compare "
+                                        "measures FLUX.1-layout blocks (dev, schnell, Fill, Kontext, Krea)",
+                                  fix="convert works for it: python -m lib_fluxq convert FILE --to TYPE")
             head_dim = config.hidden // config.heads
             if head_dim != sum(ROPE_AXES_DIM):
                 raise FormatError(path, f"head dim {head_dim}, FLUX.1 has {sum(ROPE_AXES_DIM)}",

@@ -223,6 +223,25 @@ def test_not_flux_is_refused(tmp_path):
     assert done.returncode == 1 and "file not found" in done.stderr
 
 
+@pytest.mark.parametrize("arch", ["chroma", "flux2"])
+def test_other_layouts_are_refused_in_one_line(tmp_path, arch):
+    """Chroma and FLUX.2 blocks are not FLUX.1's: one line naming the family, not a state-dict error."""
+    from lib_fluxq.flux import FluxConfig
+    layouts = {"chroma": FluxConfig(arch="chroma", hidden=256, heads=2, depth=2, depth_single=2, context_in=512,
+                                    guidance=False, approximator_hidden=512, approximator_layers=2,
+                                    approximator_in=64),
+               "flux2": FluxConfig(arch="flux2", hidden=256, heads=2, depth=2, depth_single=2, mlp_ratio=3,
+                                   in_channels=128, out_channels=128, context_in=768, vec_in=0, guidance=False)}
+    path = write_safetensors(tmp_path / "model.safetensors",
+                             random_flux_state_dict(layouts[arch], dtype=torch.bfloat16))
+    digest = _sha(path)
+    done = _cli(str(path), "--blocks", "1", "--levels", "Q8_0")
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 1 and len(lines) == 1 and str(path) in lines[0], done.stderr
+    assert {"chroma": "Chroma", "flux2": "FLUX.2"}[arch] in lines[0] and "Traceback" not in done.stderr
+    assert _sha(path) == digest
+
+
 def test_too_few_blocks_and_bad_options(tmp_path, small_flux):
     path = str(write_safetensors(tmp_path / "flux.safetensors", small_flux))
     with pytest.raises(FluxqError, match=r"only 2 double-stream blocks, cannot sample 3; use --blocks 2"):
