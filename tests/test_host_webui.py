@@ -44,6 +44,7 @@ def test_use_this_selects_checkpoint_modules_and_gpu_weights(host: Host) -> None
     opts.data["forge_preset"] = "flux"
     ui_host = current_host()
     assert isinstance(ui_host, WebUIHost) and ui_host.can_apply and ui_host.name == "forge"
+    assert ui_host.advisor_host == host.name   # the tab plans with the advisor's figures for this host
     saved = opts.saved
     modules = [parts["clip_l"], parts["t5xxl"], parts["ae"]]
     message = ui_host.apply(checkpoint, modules, 6000)

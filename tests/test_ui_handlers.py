@@ -454,3 +454,14 @@ def test_comparison_from_the_tab_names_no_command_line_flag(tmp_path):
     rows = handlers.compare_rows(job.payload)
     assert [r[0] for r in rows] == ["Q8_0", "Q4_1"]
     assert not [c for r in rows for c in r if flag.search(c)], rows
+
+
+def test_the_plan_uses_the_hosts_profile() -> None:
+    """In Neo the tab plans with the advisor's Neo profile: Kontext edits there, Forge loads it as plain dev."""
+    detected = cpu_machine()
+    warnings = {}
+    for host in ("forge", "neo"):
+        plan = handlers.make_plan(detected, "RTX 4060 Ti", 16, 32, "1024x1024", "kontext", host)
+        assert plan.host == host
+        warnings[host] = " ".join(handlers.advise(plan).warnings)
+    assert "does not run FLUX.1 Kontext" in warnings["forge"] and "Kontext" not in warnings["neo"]

@@ -122,6 +122,7 @@ class Plan:
     height: int = 1024
     model: str = DEFAULT_MODEL      # a family the advisor plans for (families.py key)
     overridden: list[str] = field(default_factory=list)
+    host: str = "forge"             # the advisor's host profile (ui.host: what this WebUI is like)
 
 
 def detect_machine(models_dir: str | None = None) -> Hardware:
@@ -209,7 +210,7 @@ def family_title(key: str | None) -> str:
 
 
 def make_plan(detected: Hardware, gpu_name: str | None, vram_gb: float | None, ram_gb: float | None,
-              size: str = "1024x1024", model: str = DEFAULT_MODEL) -> Plan:
+              size: str = "1024x1024", model: str = DEFAULT_MODEL, host: str = "forge") -> Plan:
     """The machine to plan for: a field left as detected (or empty) is not an override."""
     det_gpu, det_vram, det_ram = machine_fields(detected)
     gpu = str(gpu_name or "").strip()[:80] or None
@@ -224,7 +225,7 @@ def make_plan(detected: Hardware, gpu_name: str | None, vram_gb: float | None, r
         raise FluxqError(ui_text(str(exc))) from None
     width, height = parse_size(size)
     overridden = [name for name, value in (("GPU", gpu), ("VRAM", vram), ("RAM", ram)) if value is not None]
-    return Plan(hardware, width, height, model, overridden)
+    return Plan(hardware, width, height, model, overridden, host)
 
 
 # ---------------------------------------------------------------------------------------------- recommendation
@@ -234,7 +235,7 @@ def advise(plan: Plan, files: list[Any] | None = None) -> Any | None:
     advisor = optional("lib_fluxq.advisor")
     if advisor is None:
         return None
-    return advisor.advise(plan.hardware, plan.width, plan.height, model=plan.model, files=files)
+    return advisor.advise(plan.hardware, plan.width, plan.height, model=plan.model, files=files, host=plan.host)
 
 
 def _value_text(label: str, value: Any) -> str:
@@ -370,7 +371,7 @@ def inventory(listing: Listing | None, plan: Plan) -> Inventory | None:
         note = "verdicts need lib_fluxq.advisor, which is not available yet in this install"
     else:
         # the advisor judges each file as its own family (a FLUX.2 [dev] Q4 weighs 19 GB, a FLUX.1 Q4 7 GB)
-        planner = advisor.Planner(plan.hardware, plan.width, plan.height, model=plan.model)
+        planner = advisor.Planner(plan.hardware, plan.width, plan.height, model=plan.model, host=plan.host)
         for verdict in planner.rank_files(advisor.files_from_reports(reports)):
             verdicts[verdict.name] = verdict
     return Inventory(files, verdicts, note)

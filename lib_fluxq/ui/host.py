@@ -20,6 +20,7 @@ class StandaloneHost:
 
     name = "standalone"
     can_apply = False
+    advisor_host = "forge"   # the advisor's host profile; the standalone app plans for Forge, as `advise` does
 
     def __init__(self, models_dir: str) -> None:
         self.models_dir = os.path.abspath(models_dir)
@@ -66,6 +67,9 @@ class WebUIHost(StandaloneHost):
         caps = probe.probe()
         self.can_apply = caps.forge_loader and webui.has_module("modules_forge.main_entry")
         self.name = "forge" if caps.forge_loader else "a1111"
+        # Neo's traits (GPU Weights as a fraction, its own torch-tensor GGUF parameters) pick the advisor's Neo
+        # figures: its RAM peaks and what it runs (Kontext, Klein, SVDQuant)
+        self.advisor_host = "neo" if caps.gpu_weights == "fraction" or caps.gguf_layout == "torch-tensor" else "forge"
         super().__init__(webui.models_path())
 
     def folders(self) -> dict[str, str]:

@@ -85,7 +85,7 @@ class TabBuilder:
         return self.host.lora_on_gguf()
 
     def compute(self, gpu: str, vram: float | None, ram: float | None, size: str, model: str) -> dict[str, Any]:
-        plan = handlers.make_plan(self.detected, gpu, vram, ram, size, model)
+        plan = handlers.make_plan(self.detected, gpu, vram, ram, size, model, self.host.advisor_host)
         inventory = handlers.inventory(self.listing, plan)
         files = None
         advisor = handlers.optional("lib_fluxq.advisor")
