@@ -100,7 +100,7 @@ def test_real_forge_tab_use_this_and_generate(tmp_path_factory: pytest.TempPathF
                     assert page.locator("#fluxq_use_choice input").input_value().endswith(flux["flux"].name)
                     page.locator("#fluxq_use").click()
                     page.wait_for_function("() => document.querySelector('#fluxq_use_result').innerText"
-                                           ".includes('Selected in Forge')", timeout=60_000)
+                                           ".includes('Selected: checkpoint')", timeout=60_000)
                     result = page.locator("#fluxq_use_result").inner_text()
                     page.locator("#fluxq_use_result").scroll_into_view_if_needed()
                     page.screenshot(path=str(SHOTS / "forge-use-this.png"), full_page=True)

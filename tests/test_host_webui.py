@@ -66,7 +66,7 @@ def test_use_this_selects_checkpoint_modules_and_gpu_weights(host: Host) -> None
         assert abs(memory.SETTING_RESERVED_VRAM - 0.30 * memory.total_vram * 1024 * 1024) < 1
         assert ui_host.applied_gpu_weights_mb(6000) == int(0.70 * 8192)
         assert "GPU Weights 0.70 (5734 MB of 8192 MB)" in message and "UI preset 'flux'" in message
-    assert message.startswith("Selected in Forge: checkpoint flux-Q4_0.gguf; modules ")
+    assert message.startswith("Selected: checkpoint flux-Q4_0.gguf; modules ")
     processed = host.m["modules.processing"].process_images()
     assert type(processed.sd_model).__name__ == "Flux"
     assert sorted(host.split_log()[-1]) == sorted(modules)
@@ -78,7 +78,7 @@ def test_use_this_names_a_checkpoint_the_host_does_not_list(host: Host, tmp_path
     outside.parent.mkdir()
     outside.write_bytes(b"GGUF")
     message = current_host().apply(str(outside), [], None)
-    assert message.startswith("Forge does not list flux.gguf as a checkpoint")
+    assert message.startswith("The WebUI does not list flux.gguf as a checkpoint")
     assert os.path.join(str(host.models), "Stable-diffusion") in message
 
 

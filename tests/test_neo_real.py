@@ -248,7 +248,7 @@ def test_real_neo_tab_use_this(neo_files: tuple[Path, dict[str, Path]]) -> None:
                 choice = page.locator("#fluxq_use_choice input").input_value()
                 page.locator("#fluxq_use").click()
                 page.wait_for_function("() => document.querySelector('#fluxq_use_result').innerText"
-                                       ".includes('Selected in Forge')", timeout=60_000)
+                                       ".includes('Selected: checkpoint')", timeout=60_000)
                 result = page.locator("#fluxq_use_result").inner_text()
                 page.locator("#fluxq_use_result").scroll_into_view_if_needed()
                 page.screenshot(path=str(SHOTS / "neo-use-this.png"), full_page=True)

@@ -117,8 +117,8 @@ class WebUIHost(StandaloneHost):
         webui.refresh_lists()   # files downloaded since start become selectable
         info = sd_models.get_closet_checkpoint_match(os.path.basename(checkpoint))
         if info is None:
-            return f"Forge does not list {os.path.basename(checkpoint)} as a checkpoint; press the refresh button " \
-                   f"next to Checkpoint, or move the file into {self.folders()['Stable-diffusion']}"
+            return (f"The WebUI does not list {os.path.basename(checkpoint)} as a checkpoint; press the refresh "
+                    f"button next to Checkpoint, or move the file into {self.folders()['Stable-diffusion']}")
         # the value the host's own Checkpoint dropdown holds (sd_models.checkpoint_tiles): a title with " [hash]" is
         # not among its choices, and after a reload the dropdown would show nothing
         value = info.short_title if getattr(shared.opts, "sd_checkpoint_dropdown_use_short", False) else info.name
@@ -139,7 +139,7 @@ class WebUIHost(StandaloneHost):
             else:
                 done.append(f"GPU Weights {fraction:.2f} ({applied} MB of {webui.total_vram_mb()} MB)")
                 reload_note += "; GPU Weights (Settings) shows the new fraction after a page reload"
-        return "Selected in Forge: " + "; ".join(done) + ". The model loads at the next Generate. " + reload_note + "."
+        return "Selected: " + "; ".join(done) + ". The model loads at the next Generate. " + reload_note + "."
 
 
 def current_host(models_dir: str | None = None) -> StandaloneHost:
